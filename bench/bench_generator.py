@@ -1,0 +1,161 @@
+"""Generator forward speed on one GPU: ms per call, achieved TFLOP/s, fraction of matmul peak.
+
+Builds the DiT preset on the device with seeded weights, brings a KV cache to the steady state of
+a stream (recompute context + one chunk, the window full), then times generator calls with CUDA
+events. In the same process it measures the bf16 matmul peak (8192³ products on random data),
+so the fraction of peak compares numbers taken side by side. Variants: eager, and
+`torch.compile` of each transformer block (`--compile`).
+
+    python bench/bench_generator.py --preset wan-14b --height 320 --width 576 \
+        --variants eager,compile --out bench/results/generator_wan14b_h100.json
+
+FLOP count: `streamdit.model.presets.dit_flops_per_call` (its docstring states the formula):
+2·M·N·K for every linear / conv-as-linear, 4·Lq·Lk·dim for self-attention (QKᵀ and PV) over
+the cached + current keys and for cross-attention over the text tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from streamdit.model.attention import resolve_attention_backend
+from streamdit.model.dit import CausalWanDiT
+from streamdit.model.kv_cache import CrossAttnCache, KVCache
+from streamdit.model.presets import dit_flops_per_call, get_dit_config
+
+
+def time_cuda(fn, iters: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> dict:
+    """bf16 matmul rate on random data (rotating 3 operand sets so L2 does not flatter it)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    sets = [(torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen),
+             torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)) for _ in range(3)]
+    i = [0]
+
+    def mm() -> None:
+        a, b = sets[i[0] % 3]
+        i[0] += 1
+        torch.mm(a, b)
+
+    ms = time_cuda(mm, iters, 5)
+    flops = 2 * n**3
+    return {"n": n, "median_ms": statistics.median(ms), "tflops": flops / (statistics.median(ms) / 1e3) / 1e12}
+
+
+def build(args: argparse.Namespace, device: torch.device) -> tuple[CausalWanDiT, KVCache, CrossAttnCache, dict]:
+    cfg = get_dit_config(args.preset)
+    dtype = torch.bfloat16
+    backend = resolve_attention_backend(args.attn_backend, device, dtype)
+    t0 = time.perf_counter()
+    model = CausalWanDiT(cfg, device=device, dtype=dtype, attn_backend=backend)
+    model.init_weights(args.seed)
+    model.eval()
+    torch.cuda.synchronize()
+    tpf = (args.height // 16) * (args.width // 16)
+    kv = KVCache(num_layers=cfg.num_layers, batch=1, heads=cfg.num_heads, head_dim=cfg.head_dim,
+                 tokens_per_frame=tpf, capacity_frames=2 * args.frames, sink_frames=0, dtype=dtype, device=device)
+    cross = CrossAttnCache(cfg.num_layers)
+    info = {"init_s": time.perf_counter() - t0, "attn_backend": backend, "tokens_per_frame": tpf,
+            "params": sum(p.numel() for p in model.parameters())}
+    return model, kv, cross, info
+
+
+@torch.no_grad()
+def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
+    cfg = model.cfg
+    h, w, f = args.height // 8, args.width // 8, args.frames
+    gen = torch.Generator(device=device).manual_seed(1)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    ctx = torch.randn(1, f, 16, h, w, device=device, dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(1, f, 16, h, w, device=device, dtype=torch.bfloat16, generator=gen)
+    t = torch.full((1,), 750.0, device=device)
+    kv.reset()
+    cross.reset()
+    t0 = time.perf_counter()
+    # steady state: recompute call over the context frames, then the chunk (the window is full)
+    model(ctx, torch.zeros(1, device=device), text, kv_cache=kv, cross_cache=cross, start_frame=f, kv_bias=1.0)
+
+    def call() -> None:
+        model(x, t, text, kv_cache=kv, cross_cache=cross, start_frame=2 * f, kv_bias=1.0)
+
+    call()
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    ms = time_cuda(call, args.iters, args.warmup)
+    tokens = f * (args.height // 16) * (args.width // 16)
+    flops = dit_flops_per_call(cfg, tokens=tokens, cached_tokens=tokens, text_len=cfg.text_len)
+    med = statistics.median(ms)
+    return {
+        "compiled": compiled, "first_calls_s": first_s, "ms_per_call_median": med, "ms_per_call_min": min(ms),
+        "ms_per_call_p90": sorted(ms)[int(0.9 * len(ms))], "flops_per_call": flops,
+        "tflops_achieved": flops / (med / 1e3) / 1e12, "tokens": tokens, "keys": 2 * tokens,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan-14b")
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--frames", type=int, default=3)
+    p.add_argument("--attn-backend", default="auto")
+    p.add_argument("--variants", default="eager,compile")
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    device = torch.device("cuda", 0)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    peak = matmul_peak_tflops(device)
+    model, kv, cross, info = build(args, device)
+    results = []
+    for variant in args.variants.split(","):
+        if variant == "compile":
+            for block in model.blocks:
+                block.compile(fullgraph=False)
+        res = bench_variant(model, kv, cross, args, device, compiled=variant == "compile")
+        res["variant"] = variant
+        res["fraction_of_peak"] = res["tflops_achieved"] / peak["tflops"]
+        results.append(res)
+        print(json.dumps(res), flush=True)
+    out = {
+        "bench": "generator_forward", "command": shlex.join([sys.executable, *sys.argv]),
+        "device_name": torch.cuda.get_device_name(device), "torch": torch.__version__,
+        "preset": args.preset, "geometry": [args.height, args.width], "dtype": "bfloat16",
+        "matmul_peak": peak, "model": info, "results": results,
+        "chunk_generator_ms_4_steps_plus_recompute": [5 * r["ms_per_call_median"] for r in results],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({"peak_tflops": peak["tflops"], "results": [
+        {k: r[k] for k in ("variant", "ms_per_call_median", "tflops_achieved", "fraction_of_peak")} for r in results
+    ]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

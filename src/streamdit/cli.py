@@ -1,0 +1,140 @@
+"""Command line: `streamdit run ...` (also `python -m streamdit run ...`).
+
+Owns: flag parsing into one `RunConfig`, exit codes (bad input → 2, Ctrl-C/SIGTERM → 130 with
+the video closed and valid, typed errors → their code) and logging setup. Imports runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from streamdit import __version__
+from streamdit.config import (
+    DEFAULT_STEP_LIST,
+    DEFAULT_V2V_STEP_LIST,
+    RunConfig,
+    is_tty_allowed,
+    read_test_hooks,
+    step_list_for,
+)
+from streamdit.errors import EXIT_BAD_INPUT, ConfigError, StreamditError
+from streamdit.runtime.liveness import StopFlag
+
+EXIT_INTERRUPTED = 130
+log = logging.getLogger("streamdit")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    d = RunConfig()
+    p.add_argument("--preset", default=d.preset, help="DiT preset: tiny | wan-1.3b | wan-14b")
+    p.add_argument("--vae", default=None, help="VAE preset: tiny | wan (default follows --preset)")
+    p.add_argument("--height", type=int, default=d.height, help="pixel height, multiple of 16")
+    p.add_argument("--width", type=int, default=d.width, help="pixel width, multiple of 16")
+    p.add_argument("--chunks", type=int, default=d.chunks, help="chunks to generate")
+    p.add_argument("--frames-per-chunk", type=int, default=d.frames_per_chunk, help="latent frames per chunk")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (evenly spaced from 1000)")
+    p.add_argument("--step-list", type=_int_list, default=None, help="explicit timesteps, e.g. 1000,750,500,250")
+    p.add_argument("--shift", type=float, default=d.shift, help="flow schedule shift")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and noise")
+    p.add_argument("--prompt", default=d.prompt, help="prompt when no --timeline is given")
+    p.add_argument("--timeline", type=Path, default=None, help="prompt timeline (.toml or .json)")
+    p.add_argument("--input-video", type=Path, default=None, help="video-to-video input file")
+    p.add_argument("--out", type=Path, default=d.out, help="output .mp4 or .npy (uint8 [T,H,W,3])")
+    p.add_argument("--metrics", type=Path, default=None, help="per-chunk JSON-lines metrics file")
+    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
+    p.add_argument("--no-kv-recompute", action="store_true", help="keep the last call's K/V instead (R1)")
+    p.add_argument("--local-attn-frames", type=int, default=d.local_attn_frames, help="KV window in frames")
+    p.add_argument("--sink-frames", type=int, default=d.sink_frames, help="never-evicted first frames")
+    p.add_argument("--soft-bias", type=float, default=d.soft_bias, help="KV bias on soft transitions")
+    p.add_argument("--checkpoint", type=Path, default=None, help="DiT weights (.safetensors)")
+    p.add_argument("--vae-checkpoint", type=Path, default=None, help="VAE weights (.safetensors)")
+    p.add_argument("--fps", type=int, default=d.fps, help="frame rate of the .mp4")
+    p.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="streamdit", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"streamdit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="generate a video chunk by chunk")
+    _add_run_flags(run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    if args.step_list is not None:
+        steps = args.step_list
+    elif args.steps is not None:
+        steps = step_list_for(args.steps)
+    else:
+        steps = DEFAULT_V2V_STEP_LIST if args.input_video else DEFAULT_STEP_LIST
+    return RunConfig(
+        preset=args.preset, vae=args.vae, height=args.height, width=args.width, chunks=args.chunks,
+        frames_per_chunk=args.frames_per_chunk, denoising_step_list=tuple(steps), shift=args.shift,
+        seed=args.seed, prompt=args.prompt, timeline=args.timeline, input_video=args.input_video,
+        out=args.out, metrics=args.metrics, device=args.device, dtype=args.dtype,
+        attn_backend=args.attn_backend, kv_recompute=not args.no_kv_recompute,
+        local_attn_frames=args.local_attn_frames, sink_frames=args.sink_frames, soft_bias=args.soft_bias,
+        checkpoint=args.checkpoint, vae_checkpoint=args.vae_checkpoint, fps=args.fps,
+        progress=not args.no_progress and is_tty_allowed(), test_hooks=read_test_hooks(),
+    )
+
+
+def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
+    """First SIGINT/SIGTERM drains at the next chunk boundary; a second one aborts at once.
+
+    Returns the previous handlers so an in-process caller (tests) gets them back.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        stop.request(signal.Signals(signum).name)
+
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = StopFlag()
+    previous = _install_drain_handlers(stop)
+    try:
+        cfg = config_from_args(args)
+        from streamdit.runtime.single import run_single  # heavy imports after flag validation
+
+        summary = run_single(cfg, stop)
+    except ConfigError as exc:
+        print(f"streamdit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("streamdit: interrupted; frames written so far are in the output file", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except StreamditError as exc:
+        log.error("%s: %s", type(exc).__name__, exc)
+        return exc.exit_code
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    if summary.stopped_early:
+        print(f"streamdit: interrupted ({summary.stopped_early}); drained after {summary.chunks} chunks, "
+              f"{summary.frames} frames in {summary.out}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    print(f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} in {summary.seconds:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

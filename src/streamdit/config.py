@@ -1,0 +1,198 @@
+"""Run configuration: the one frozen, validated object every topology is built from.
+
+Owns: `RunConfig` (built once from CLI flags), the launch environment (`LaunchEnv`), the
+test-hook settings (`STREAMDIT_TEST_*`), and the list of parity keys. This is the ONLY module
+that reads `os.environ`. Must not import model/, parallel/, protocol/ or runtime/.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from streamdit.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16")
+DEFAULT_STEP_LIST = (1000, 750, 500, 250)
+# Video-to-video starts from the encoded input noised to the first step's sigma, so it needs
+# fewer and later steps than text-to-video (StreamDiffusionV2 style).
+DEFAULT_V2V_STEP_LIST = (750, 500)
+OUTPUT_SUFFIXES = (".mp4", ".npy")
+TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
+
+
+def step_list_for(steps: int) -> tuple[int, ...]:
+    """Evenly spaced timesteps from 1000 down: 4 → (1000, 750, 500, 250)."""
+    if steps < 1 or steps > 50:
+        raise ConfigError(f"steps must be in 1..50, got {steps} [field=steps]")
+    return tuple(round(1000 - i * 1000 / steps) for i in range(steps))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunConfig:
+    """Everything one run needs. Fields that change which collectives run are parity keys."""
+
+    preset: str = "tiny"
+    """DiT preset: tiny | wan-1.3b | wan-14b."""
+    vae: str | None = None
+    """VAE preset (tiny | wan); default: tiny for the tiny DiT, wan otherwise."""
+    height: int = 128
+    """Pixel height, a multiple of 16."""
+    width: int = 192
+    """Pixel width, a multiple of 16."""
+    chunks: int = 4
+    """Number of chunks to generate."""
+    frames_per_chunk: int = 3
+    """Latent frames per chunk (3 → 12 pixel frames in steady state)."""
+    denoising_step_list: tuple[int, ...] = DEFAULT_STEP_LIST
+    """Timesteps of the few-step flow-matching sampler, strictly decreasing in (0, 1000]."""
+    shift: float = 5.0
+    """Flow schedule shift."""
+    seed: int = 0
+    """Seed of weights (unless a checkpoint is given) and of every noise tensor."""
+    prompt: str = "a red fox running through fresh snow"
+    """Prompt of chunk 0 when no timeline is given."""
+    timeline: Path | None = None
+    """Prompt timeline file (TOML or JSON)."""
+    input_video: Path | None = None
+    """Input video for video-to-video (read with PyAV)."""
+    out: Path = Path("out/streamdit.mp4")
+    """Output video: .mp4 (PyAV) or .npy (lossless uint8 [T, H, W, 3])."""
+    metrics: Path | None = None
+    """JSON-lines metrics file, one line per chunk."""
+    device: str = "cpu"
+    """Torch device: cpu, cuda, cuda:N."""
+    dtype: str = "float32"
+    """float32 | bfloat16."""
+    attn_backend: str = "auto"
+    """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
+    kv_recompute: bool = True
+    """Rebuild the KV cache from clean context frames before each chunk after the first."""
+    local_attn_frames: int = 6
+    """KV window in latent frames, current chunk included."""
+    sink_frames: int = 0
+    """Frames at the stream start that are never evicted."""
+    soft_bias: float = 0.3
+    """kv_cache_attention_bias applied on soft prompt transitions (1.0 = none)."""
+    checkpoint: Path | None = None
+    """DiT weights (safetensors, Wan2.1 / Self-Forcing key names)."""
+    vae_checkpoint: Path | None = None
+    """VAE weights (safetensors)."""
+    fps: int = 16
+    """Frame rate written into the .mp4."""
+    progress: bool = True
+    """Show a progress bar when stderr is a terminal."""
+    test_hooks: Mapping[str, str] = field(default_factory=dict)
+    """STREAMDIT_TEST_* settings (parity keys): named fault injection points for tests."""
+
+    def __post_init__(self) -> None:
+        _check(self.height > 0 and self.height % 16 == 0, "height", f"{self.height} is not a positive multiple of 16")
+        _check(self.width > 0 and self.width % 16 == 0, "width", f"{self.width} is not a positive multiple of 16")
+        _check(self.chunks >= 1, "chunks", f"must be >= 1, got {self.chunks}")
+        _check(self.frames_per_chunk >= 1, "frames_per_chunk", f"must be >= 1, got {self.frames_per_chunk}")
+        steps = self.denoising_step_list
+        _check(len(steps) >= 1, "denoising_step_list", "must not be empty")
+        _check(all(0 < t <= 1000 for t in steps), "denoising_step_list", f"{steps} must lie in (0, 1000]")
+        _check(all(a > b for a, b in zip(steps, steps[1:], strict=False)), "denoising_step_list",
+               f"{steps} must be strictly decreasing")
+        _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
+        _check(self.out.suffix in OUTPUT_SUFFIXES, "out", f"{self.out} must end in one of {OUTPUT_SUFFIXES}")
+        _check(0.0 < self.soft_bias <= 1.0, "soft_bias", f"must be in (0, 1], got {self.soft_bias}")
+        _check(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
+        _check(self.fps >= 1, "fps", f"must be >= 1, got {self.fps}")
+        ctx = self.context_frames
+        _check(self.local_attn_frames >= self.frames_per_chunk + (ctx if self.kv_recompute else 0),
+               "local_attn_frames",
+               f"{self.local_attn_frames} cannot hold the context ({ctx}) plus a chunk ({self.frames_per_chunk})")
+        _check(
+            0 <= self.sink_frames and self.sink_frames + self.frames_per_chunk < self.local_attn_frames,
+            "sink_frames",
+            f"{self.sink_frames} leaves no evictable frame in a window of {self.local_attn_frames}",
+        )
+        for key in self.test_hooks:
+            _check(key.startswith(TEST_HOOK_PREFIX), "test_hooks", f"{key} lacks the {TEST_HOOK_PREFIX} prefix")
+
+    @property
+    def context_frames(self) -> int:
+        """Clean latent frames re-encoded by a recompute call: one anchor plus the most recent."""
+        return self.frames_per_chunk
+
+    @property
+    def vae_preset(self) -> str:
+        return self.vae or ("tiny" if self.preset == "tiny" else "wan")
+
+    def parity_items(self) -> dict[str, str]:
+        """Every setting that must be equal on all ranks, as strings (compared at startup)."""
+        items = {
+            "preset": self.preset,
+            "height": str(self.height),
+            "width": str(self.width),
+            "frames_per_chunk": str(self.frames_per_chunk),
+            "denoising_step_list": ",".join(map(str, self.denoising_step_list)),
+            "shift": repr(self.shift),
+            "dtype": self.dtype,
+            "attn_backend": self.attn_backend,
+            "kv_recompute": str(self.kv_recompute),
+            "local_attn_frames": str(self.local_attn_frames),
+            "sink_frames": str(self.sink_frames),
+        }
+        items.update({k: v for k, v in sorted(self.test_hooks.items())})
+        return items
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.parity_items(), sort_keys=True).encode()
+        return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+    def replace(self, **changes: object) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    def hook(self, name: str, default: str | None = None) -> str | None:
+        """Value of the test hook STREAMDIT_TEST_<NAME>, or default."""
+        return self.test_hooks.get(TEST_HOOK_PREFIX + name, default)
+
+
+def _check(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid {name}: {why} [field={name}]")
+
+
+def read_test_hooks(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The STREAMDIT_TEST_* settings of this process (they become parity keys)."""
+    env = os.environ if environ is None else environ
+    return {k: v for k, v in env.items() if k.startswith(TEST_HOOK_PREFIX)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LaunchEnv:
+    """The torchrun-compatible launch environment of this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv:
+        env = os.environ if environ is None else environ
+        try:
+            return cls(
+                rank=int(env.get("RANK", "0")),
+                world_size=int(env.get("WORLD_SIZE", "1")),
+                local_rank=int(env.get("LOCAL_RANK", "0")),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", "29500")),
+            )
+        except ValueError as exc:
+            raise ConfigError(f"malformed launch environment: {exc} [field=RANK/WORLD_SIZE]") from exc
+
+
+def is_tty_allowed(environ: Mapping[str, str] | None = None) -> bool:
+    """False when the environment asks for no terminal decorations (CI, NO_COLOR-style)."""
+    env = os.environ if environ is None else environ
+    return env.get("CI", "").lower() not in ("1", "true") and "STREAMDIT_NO_PROGRESS" not in env

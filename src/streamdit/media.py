@@ -1,0 +1,159 @@
+"""Video in and out: PyAV for .mp4, a streaming lossless .npy writer, input-video reading.
+
+Owns: `open_writer(path, ...)` returning a writer whose file is a valid video after every
+`write()` returns — so Ctrl-C, a crash or even SIGKILL mid-stream leaves every frame written so
+far readable. The .mp4 is fragmented (a fragment per chunk: `empty_moov` + `frag_keyframe`,
+keyframe on each chunk's first frame), the .npy header is rewritten after each append.
+Also `probe_video` / `read_video_frames` for video-to-video input. Imports no other streamdit
+layer besides errors.
+"""
+
+from __future__ import annotations
+
+import ast
+from fractions import Fraction
+from pathlib import Path
+from typing import Protocol
+
+import av
+import numpy as np
+
+from streamdit.errors import ConfigError
+
+NPY_HEADER_LEN = 128  # fixed so the shape can be rewritten in place as frames are appended
+
+
+class VideoWriter(Protocol):
+    frames_written: int
+
+    def write(self, frames: np.ndarray) -> None: ...  # uint8 [T, H, W, 3]
+
+    def close(self) -> None: ...
+
+
+class NpyWriter:
+    """Lossless uint8 [T, H, W, 3] frames; the header always describes whole frames on disk."""
+
+    def __init__(self, path: Path, height: int, width: int) -> None:
+        self.path = path
+        self.height = height
+        self.width = width
+        self.frames_written = 0
+        self._fh = open(path, "wb")  # noqa: SIM115 - kept open across writes, closed in close()
+        self._write_header()
+
+    def _write_header(self) -> None:
+        shape = (self.frames_written, self.height, self.width, 3)
+        desc = f"{{'descr': '|u1', 'fortran_order': False, 'shape': {shape}, }}"
+        prefix = b"\x93NUMPY\x01\x00"
+        body_len = NPY_HEADER_LEN - len(prefix) - 2
+        body = desc.ljust(body_len - 1).encode("latin1") + b"\n"
+        self._fh.seek(0)
+        self._fh.write(prefix + body_len.to_bytes(2, "little") + body)
+
+    def write(self, frames: np.ndarray) -> None:
+        _check_frames(frames, self.height, self.width)
+        self._fh.seek(0, 2)
+        self._fh.write(np.ascontiguousarray(frames).tobytes())
+        self.frames_written += frames.shape[0]
+        self._write_header()  # only after the bytes are on disk: the header never overclaims
+        self._fh.flush()
+
+    def close(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+class Mp4Writer:
+    """H.264 in a fragmented MP4: each chunk closes a fragment, so the file stays playable."""
+
+    def __init__(self, path: Path, height: int, width: int, fps: int) -> None:
+        self.path = path
+        self.height = height
+        self.width = width
+        self.frames_written = 0
+        self._container = av.open(
+            str(path), mode="w", format="mp4",
+            options={"movflags": "frag_keyframe+empty_moov+default_base_moof"},
+        )
+        stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        # zerolatency: no lookahead/B-frames, so packets leave the encoder as frames go in.
+        stream.options = {"tune": "zerolatency", "crf": "18", "preset": "veryfast"}
+        self._stream = stream
+
+    def write(self, frames: np.ndarray) -> None:
+        _check_frames(frames, self.height, self.width)
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pict_type = av.video.frame.PictureType.I if i == 0 else av.video.frame.PictureType.NONE
+            for packet in self._stream.encode(frame):
+                self._container.mux(packet)
+        self.frames_written += frames.shape[0]
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode(None):
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+
+
+def open_writer(path: Path, *, height: int, width: int, fps: int) -> VideoWriter:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        return NpyWriter(path, height, width)
+    return Mp4Writer(path, height, width, fps)
+
+
+def _check_frames(frames: np.ndarray, height: int, width: int) -> None:
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (height, width, 3):
+        raise ValueError(f"frames must be uint8 [T, {height}, {width}, 3], got {frames.dtype} {frames.shape}")
+
+
+def read_npy_header_shape(path: Path) -> tuple[int, ...]:
+    """Shape recorded in a .npy header (used by tests and tools without loading the data)."""
+    with open(path, "rb") as fh:
+        head = fh.read(NPY_HEADER_LEN)
+    return tuple(ast.literal_eval(head[10:].decode("latin1").strip())["shape"])
+
+
+def probe_video(path: Path) -> int:
+    """Open the input video and decode its first frame; returns the frame count if known.
+
+    Raises ConfigError naming the file before any model work when it is missing or unreadable.
+    """
+    if not path.is_file():
+        raise ConfigError(f"input video {path} does not exist [field=input_video]")
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            next(container.decode(stream))
+            return int(stream.frames or 0)
+    except (av.FFmpegError, IndexError, StopIteration, UnicodeDecodeError) as exc:
+        raise ConfigError(f"input video {path} is not a readable video: {exc} [field=input_video]") from exc
+
+
+def read_video_frames(path: Path, *, height: int, width: int, max_frames: int) -> np.ndarray:
+    """Up to `max_frames` RGB frames resized to height x width, as uint8 [T, H, W, 3]."""
+    out: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                out.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
+                if len(out) >= max_frames:
+                    break
+    except av.FFmpegError as exc:
+        raise ConfigError(f"input video {path} failed to decode: {exc} [field=input_video]") from exc
+    if not out:
+        raise ConfigError(f"input video {path} holds no frames [field=input_video]")
+    return np.stack(out)
+
+
+def count_mp4_frames(path: Path) -> int:
+    """Decode every frame of a video file and count them (the honest check of validity)."""
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))

@@ -1,0 +1,1 @@
+"""Process groups, TP sharding, group-checked collectives, parity handshake. Imports model."""

@@ -1,0 +1,1 @@
+"""Wire protocol: messages, codec, preflight, channels. Imports torch only; no model, no runtime."""

@@ -1,0 +1,1 @@
+"""Per-chunk phases, topologies, timeline, metrics. May import every layer above it."""

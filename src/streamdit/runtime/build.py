@@ -1,0 +1,133 @@
+"""Turning a RunConfig into objects: validation first, then the model parts each role needs.
+
+Owns: `validate_run(cfg)` — every check that can reject user input (preset, geometry, timeline,
+input video, checkpoint keys and shapes against a meta-device model) runs here, before any
+weight is allocated or any model work starts; `build_generator` (Phase B parts, for every
+generator rank) and `build_stage0_parts` (text encoder + VAE, rank0 only: workers never
+construct them). Constructors only allocate; nothing here runs inference or a collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from streamdit.config import RunConfig
+from streamdit.errors import ConfigError
+from streamdit.media import probe_video, read_video_frames
+from streamdit.model.attention import resolve_attention_backend
+from streamdit.model.dit import CausalWanDiT
+from streamdit.model.presets import DiTConfig, get_dit_config
+from streamdit.model.scheduler import FlowMatchScheduler
+from streamdit.model.text import HashTextEncoder
+from streamdit.model.vae import CausalVideoVAE, get_vae_config
+from streamdit.model.weights import check_safetensors, load_safetensors_into
+from streamdit.runtime.generator import CacheGeometry, GeneratorRunner
+from streamdit.runtime.timeline import Timeline
+
+DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TEXT_SEED_OFFSET = 1  # text encoder and VAE weights get seeds distinct from the DiT's
+VAE_SEED_OFFSET = 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ValidatedRun:
+    """The result of validation: everything derived from user input, nothing allocated."""
+
+    cfg: RunConfig
+    dit: DiTConfig
+    device: torch.device
+    dtype: torch.dtype
+    attn_backend: str
+    timeline: Timeline
+    chunks: int
+
+
+def resolve_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"invalid device {name!r}: {exc} [field=device]") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available [field=device]")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device type {device.type!r} is not supported (cpu, cuda) [field=device]")
+    return device
+
+
+def validate_run(cfg: RunConfig) -> ValidatedRun:
+    """Reject bad input with a ConfigError naming the field (and file / key), before model work."""
+    dit = get_dit_config(cfg.preset)
+    get_vae_config(cfg.vae_preset)
+    device = resolve_device(cfg.device)
+    dtype = DTYPE_BY_NAME[cfg.dtype]
+    backend = resolve_attention_backend(cfg.attn_backend, device, dtype)
+    FlowMatchScheduler.validate_step_list(cfg.denoising_step_list)
+    timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
+    chunks = cfg.chunks
+    if cfg.input_video is not None:
+        probe_video(cfg.input_video)
+    if cfg.checkpoint is not None:
+        check_safetensors(_meta_dit(dit), cfg.checkpoint)
+    if cfg.vae_checkpoint is not None:
+        meta_vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=torch.device("meta"), dtype=dtype)
+        check_safetensors(meta_vae, cfg.vae_checkpoint)
+    return ValidatedRun(
+        cfg=cfg, dit=dit, device=device, dtype=dtype, attn_backend=backend, timeline=timeline, chunks=chunks
+    )
+
+
+def _meta_dit(dit: DiTConfig) -> CausalWanDiT:
+    return CausalWanDiT(dit, device=torch.device("meta"), dtype=torch.float32, attn_backend="math")
+
+
+def build_generator(run: ValidatedRun) -> GeneratorRunner:
+    cfg = run.cfg
+    model = CausalWanDiT(run.dit, device=run.device, dtype=run.dtype, attn_backend=run.attn_backend)
+    if cfg.checkpoint is not None:
+        load_safetensors_into(model, cfg.checkpoint)
+    else:
+        model.init_weights(cfg.seed)
+    model.eval()
+    return GeneratorRunner(
+        model,
+        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        geometry=CacheGeometry(height=cfg.height, width=cfg.width),
+        capacity_frames=cfg.local_attn_frames,
+        sink_frames=cfg.sink_frames,
+        device=run.device,
+        dtype=run.dtype,
+    )
+
+
+def build_stage0_parts(run: ValidatedRun) -> tuple[HashTextEncoder, CausalVideoVAE]:
+    cfg = run.cfg
+    text = HashTextEncoder(
+        run.dit.text_dim, run.dit.text_len, seed=cfg.seed + TEXT_SEED_OFFSET, device=run.device, dtype=run.dtype
+    )
+    vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=run.device, dtype=run.dtype)
+    if cfg.vae_checkpoint is not None:
+        load_safetensors_into(vae, cfg.vae_checkpoint)
+    else:
+        vae.init_weights(cfg.seed + VAE_SEED_OFFSET)
+    vae.eval()
+    return text, vae
+
+
+def load_input_frames(run: ValidatedRun) -> tuple[np.ndarray | None, int]:
+    """Input video frames for v2v and how many chunks they cover (ConfigError if none)."""
+    cfg = run.cfg
+    if cfg.input_video is None:
+        return None, run.chunks
+    f = cfg.frames_per_chunk
+    need = 1 + 4 * (f - 1) + 4 * f * (run.chunks - 1)
+    frames = read_video_frames(cfg.input_video, height=cfg.height, width=cfg.width, max_frames=need)
+    first = 1 + 4 * (f - 1)
+    if frames.shape[0] < first:
+        raise ConfigError(
+            f"input video {cfg.input_video} has {frames.shape[0]} frames; the first chunk needs {first} "
+            "[field=input_video]"
+        )
+    return frames, min(run.chunks, 1 + (frames.shape[0] - first) // (4 * f))

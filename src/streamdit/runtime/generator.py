@@ -1,0 +1,144 @@
+"""Phase B: the generator side of one chunk (denoising steps and KV-cache recompute).
+
+Owns: `GeneratorRunner`, which holds the DiT, its KV and cross-attention caches and the flow
+scheduler, and turns one `GeneratorInputs` into denoised latents. It acts only on the inputs it
+is given (reset bits, plan, tensors): it never infers a reset, never encodes text, never touches
+the VAE, and asserts the number of generator calls against the plan before returning. TP and PP
+run this same object on other ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from streamdit.errors import PlanError
+from streamdit.model.dit import CausalWanDiT
+from streamdit.model.kv_cache import CrossAttnCache, KVCache
+from streamdit.model.scheduler import FlowMatchScheduler
+from streamdit.runtime.plan import ChunkIds, GeneratorInputs, mix_seed, seeded_normal
+
+RENOISE_STREAM = 1  # seed stream of the per-step re-noise draws (Phase A uses stream 0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CacheGeometry:
+    height: int
+    width: int
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return (self.height // 16) * (self.width // 16)
+
+
+class GeneratorRunner:
+    """Runs Phase B for a stream of chunks on one generator rank (or shard)."""
+
+    def __init__(
+        self,
+        model: CausalWanDiT,
+        *,
+        scheduler: FlowMatchScheduler,
+        geometry: CacheGeometry,
+        capacity_frames: int,
+        sink_frames: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.model = model
+        self.scheduler = scheduler
+        self.device = device
+        self.dtype = dtype
+        self.capacity_frames = capacity_frames
+        self.sink_frames = sink_frames
+        self.geometry = geometry
+        self.kv_cache = self._allocate_kv(geometry)
+        self.cross_cache = CrossAttnCache(len(model.blocks))
+        self.calls_made = 0
+        # Test hook: an extra generator call per chunk (proves the plan assertion fires).
+        self.extra_calls = 0
+        self.on_call: Callable[[int], None] | None = None
+
+    def _local_heads(self) -> int:
+        q = self.model.blocks[0].self_attn.q.weight
+        return q.shape[0] // self.model.cfg.head_dim
+
+    def _allocate_kv(self, geometry: CacheGeometry) -> KVCache:
+        return KVCache(
+            num_layers=len(self.model.blocks),
+            batch=1,
+            heads=self._local_heads(),
+            head_dim=self.model.cfg.head_dim,
+            tokens_per_frame=geometry.tokens_per_frame,
+            capacity_frames=self.capacity_frames,
+            sink_frames=self.sink_frames,
+            dtype=self.dtype,
+            device=self.device,
+        )
+
+    @torch.no_grad()
+    def run(self, inputs: GeneratorInputs, ids: ChunkIds) -> torch.Tensor:
+        """Denoise one chunk; returns x0 latents `[1, F, 16, h, w]`."""
+        inputs.check(ids)
+        self._apply_resets(inputs, ids)
+        text = inputs.conditioning_embeds.to(self.device, self.dtype)
+        start = self.calls_made
+        if inputs.do_kv_recompute:
+            self._recompute(inputs, text)
+        x0 = self._denoise(inputs, text)
+        for _ in range(self.extra_calls):
+            self._call(x0, 0.0, text, inputs.current_start_frame, inputs.kv_cache_attention_bias)
+        inputs.plan.assert_observed(self.calls_made - start, ids)
+        return x0
+
+    def _apply_resets(self, inputs: GeneratorInputs, ids: ChunkIds) -> None:
+        geometry = CacheGeometry(height=inputs.height, width=inputs.width)
+        if geometry != self.geometry:
+            if not inputs.init_cache:
+                raise PlanError(
+                    f"geometry {inputs.height}x{inputs.width} differs from the cache's "
+                    f"{self.geometry.height}x{self.geometry.width} without init_cache",
+                    field="height", **ids.as_kwargs(),
+                )
+            self.geometry = geometry
+            self.kv_cache = self._allocate_kv(geometry)
+        if inputs.init_cache or inputs.reset_kv_cache:
+            self.kv_cache.reset()
+        if inputs.init_cache or inputs.reset_crossattn_cache or inputs.conditioning_updated:
+            self.cross_cache.reset()
+
+    def _recompute(self, inputs: GeneratorInputs, text: torch.Tensor) -> None:
+        """Rebuild the cache from clean context frames: one call at timestep 0, no KV bias."""
+        ctx = inputs.context_frames_override
+        assert ctx is not None  # GeneratorInputs.check enforces it
+        ctx = ctx.to(self.device, self.dtype)
+        self.kv_cache.reset()
+        self._call(ctx, 0.0, text, inputs.current_start_frame - ctx.shape[1], 1.0)
+
+    def _denoise(self, inputs: GeneratorInputs, text: torch.Tensor) -> torch.Tensor:
+        steps = inputs.denoising_step_list.to("cpu", torch.int64)
+        sigmas = self.scheduler.sigmas(steps)
+        x = inputs.latents.to(self.device, self.dtype)
+        noise_seed = mix_seed(inputs.base_seed, RENOISE_STREAM)
+        x0 = x
+        for i in range(len(steps)):
+            v = self._call(x, float(steps[i]), text, inputs.current_start_frame, inputs.kv_cache_attention_bias)
+            x0 = self.scheduler.x0_from_flow(x, v, float(sigmas[i]))
+            if i + 1 < len(steps):
+                eps = seeded_normal(mix_seed(noise_seed, i), tuple(x.shape), device=self.device, dtype=self.dtype)
+                x = self.scheduler.renoise(x0, eps, float(sigmas[i + 1]))
+        return x0
+
+    def _call(self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float) -> torch.Tensor:
+        timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.float32)
+        out = self.model(
+            x, timestep, text,
+            kv_cache=self.kv_cache, cross_cache=self.cross_cache,
+            start_frame=start_frame, kv_bias=bias,
+        )
+        self.calls_made += 1
+        if self.on_call is not None:
+            self.on_call(self.calls_made)
+        return out

@@ -1,0 +1,122 @@
+"""Prompt timeline: which prompt drives each chunk, and how the stream changes between prompts.
+
+Owns: parsing and validating timeline files (TOML or JSON), and answering, per chunk, the
+prompt state Phase A needs: the prompt (or the two prompts being blended and the blend weight),
+and whether this chunk is a hard cut. Hard cuts bump `cache_epoch` and reset every cache; soft
+transitions blend the conditioning over `blend_chunks` chunks and de-weight cached keys.
+
+File format (JSON shown; TOML uses `[[entries]]` tables with the same keys):
+
+    {"entries": [
+        {"chunk": 0, "prompt": "a fox in snow"},
+        {"chunk": 4, "prompt": "a fox at night", "transition": "soft", "blend_chunks": 2},
+        {"chunk": 8, "prompt": "a city street", "transition": "hard"}
+    ]}
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streamdit.errors import ConfigError
+
+TRANSITIONS = ("hard", "soft")
+ENTRY_KEYS = {"chunk", "prompt", "transition", "blend_chunks"}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TimelineEntry:
+    chunk: int
+    prompt: str
+    transition: str = "hard"
+    blend_chunks: int = 2
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class PromptState:
+    """What Phase A needs for one chunk."""
+
+    prompt: str
+    previous: str | None  # prompt blended from during a soft transition, else None
+    alpha: float  # weight of `prompt` in the blend (1.0 = no blend)
+    hard_cut: bool  # a hard transition starts at this chunk (not chunk 0)
+    soft_active: bool  # a soft transition is blending at this chunk
+
+    @property
+    def key(self) -> tuple[str, str | None, float]:
+        """Identity of the conditioning tensor: equal keys give equal embeddings."""
+        return (self.prompt, self.previous, self.alpha)
+
+
+class Timeline:
+    """Ordered entries starting at chunk 0; immutable after construction."""
+
+    def __init__(self, entries: list[TimelineEntry]) -> None:
+        if not entries or entries[0].chunk != 0:
+            raise ConfigError("the timeline must start with an entry at chunk 0 [field=entries[0].chunk]")
+        self.entries = tuple(entries)
+
+    @classmethod
+    def single(cls, prompt: str) -> Timeline:
+        return cls([TimelineEntry(chunk=0, prompt=prompt)])
+
+    @classmethod
+    def load(cls, path: Path) -> Timeline:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read timeline {path}: {exc.strerror} [field=timeline]") from exc
+        try:
+            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"timeline {path} is not valid {path.suffix or 'JSON'}: {exc} [field=timeline]") from exc
+        return cls(parse_entries(data, path))
+
+    def state(self, chunk: int) -> PromptState:
+        idx = max(i for i, e in enumerate(self.entries) if e.chunk <= chunk)
+        cur = self.entries[idx]
+        hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition == "hard"
+        if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < cur.blend_chunks:
+            alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
+            prev = self.entries[idx - 1].prompt
+            if alpha < 1.0:
+                return PromptState(prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True)
+            return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
+        return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=hard_cut, soft_active=False)
+
+
+def parse_entries(data: Any, path: Path) -> list[TimelineEntry]:
+    """Validate the decoded file; every error names the file, the entry and the field."""
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), list):
+        raise ConfigError(f"timeline {path} must hold a list named 'entries' [field=entries]")
+    out: list[TimelineEntry] = []
+    for i, raw in enumerate(data["entries"]):
+        out.append(_parse_entry(raw, f"{path}: entries[{i}]"))
+        if i and out[i].chunk <= out[i - 1].chunk:
+            raise ConfigError(f"{path}: entries[{i}].chunk={out[i].chunk} must increase [field=entries[{i}].chunk]")
+    return out
+
+
+def _parse_entry(raw: Any, where: str) -> TimelineEntry:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table/object [field=entries]")
+    unknown = set(raw) - ENTRY_KEYS
+    if unknown:
+        raise ConfigError(f"{where} has unknown keys {sorted(unknown)} [field={sorted(unknown)[0]}]")
+    chunk = raw.get("chunk")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
+        raise ConfigError(f"{where}.chunk must be an integer >= 0, got {chunk!r} [field=chunk]")
+    prompt = raw.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"{where}.prompt must be a non-empty string, got {prompt!r} [field=prompt]")
+    transition = raw.get("transition", "hard")
+    if transition not in TRANSITIONS:
+        raise ConfigError(f"{where}.transition must be one of {TRANSITIONS}, got {transition!r} [field=transition]")
+    blend = raw.get("blend_chunks", 2)
+    if not isinstance(blend, int) or isinstance(blend, bool) or blend < 1:
+        raise ConfigError(f"{where}.blend_chunks must be an integer >= 1, got {blend!r} [field=blend_chunks]")
+    return TimelineEntry(chunk=chunk, prompt=prompt, transition=transition, blend_chunks=blend)

@@ -1,0 +1,183 @@
+"""End-to-end CLI runs of the `single` topology on the tiny preset (CPU).
+
+Covers: determinism (same seed → bit-identical .npy, different prompt → different output),
+frames written == sum of per-chunk `frames` in metrics, timelines (hard cut bumps the epoch and
+restarts the VAE stream; soft transition de-weights the cache), video-to-video, bad input →
+exit 2 before any model work, the plan assertion, and crash / Ctrl-C leaving a valid video.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from streamdit.cli import main
+from streamdit.media import count_mp4_frames, read_npy_header_shape
+
+GEOM = ["--height", "32", "--width", "48"]
+pytestmark = pytest.mark.timeout(120)
+
+
+def _run(tmp_path: Path, name: str, *extra: str, chunks: int = 3) -> tuple[int, Path, Path]:
+    out = tmp_path / f"{name}.npy"
+    metrics = tmp_path / f"{name}.jsonl"
+    rc = main(["run", *GEOM, "--chunks", str(chunks), "--out", str(out), "--metrics", str(metrics), *extra])
+    return rc, out, metrics
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_is_bit_identical_and_prompt_changes_output(tmp_path: Path) -> None:
+    rc1, out1, m1 = _run(tmp_path, "a", "--seed", "7")
+    rc2, out2, _ = _run(tmp_path, "b", "--seed", "7")
+    rc3, out3, _ = _run(tmp_path, "c", "--seed", "7", "--prompt", "a blue whale in deep water")
+    assert (rc1, rc2, rc3) == (0, 0, 0)
+    a, b, c = np.load(out1), np.load(out2), np.load(out3)
+    assert a.dtype == np.uint8 and a.shape[1:] == (32, 48, 3)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.std() > 1.0, "output must not be a constant image"
+    rows = _metrics(m1)
+    assert a.shape[0] == sum(r["frames"] for r in rows) == 9 + 12 + 12
+    assert [r["generator_calls"] for r in rows] == [4, 5, 5]  # 4 steps (+1 recompute after chunk 0)
+    assert [r["call_id"] for r in rows] == [0, 1, 2]
+    for key in ("phase_a_ms", "phase_b_ms", "phase_c_ms", "cache_epoch", "chunk_index"):
+        assert all(key in r for r in rows)
+
+
+def test_timeline_hard_and_soft_transitions(tmp_path: Path) -> None:
+    tl = tmp_path / "tl.toml"
+    tl.write_text(
+        '[[entries]]\nchunk = 0\nprompt = "a fox"\n'
+        '[[entries]]\nchunk = 1\nprompt = "a fox at night"\ntransition = "soft"\n'
+        '[[entries]]\nchunk = 3\nprompt = "a city"\ntransition = "hard"\n'
+    )
+    rc, out, m = _run(tmp_path, "tl", "--timeline", str(tl), chunks=5)
+    assert rc == 0
+    rows = _metrics(m)
+    assert [r["cache_epoch"] for r in rows] == [0, 0, 0, 1, 1]
+    assert [r["transition"] for r in rows] == ["start", "soft", "soft", "hard", "none"]
+    assert [r["frames"] for r in rows] == [9, 12, 12, 9, 12]  # the VAE stream restarts at the cut
+    assert [r["kv_recompute"] for r in rows] == [False, True, True, False, True]
+    assert np.load(out).shape[0] == sum(r["frames"] for r in rows)
+
+
+def test_mp4_output_is_valid_and_complete(tmp_path: Path) -> None:
+    out = tmp_path / "v.mp4"
+    metrics = tmp_path / "v.jsonl"
+    assert main(["run", *GEOM, "--chunks", "2", "--out", str(out), "--metrics", str(metrics)]) == 0
+    assert count_mp4_frames(out) == sum(r["frames"] for r in _metrics(metrics)) == 21
+
+
+def test_video_to_video(tmp_path: Path) -> None:
+    src = tmp_path / "in.mp4"
+    with av.open(str(src), "w") as container:
+        stream = container.add_stream("libx264", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(30):
+            img = np.zeros((48, 64, 3), np.uint8)
+            img[:, : (i * 2) % 64] = (200, 40, 90)
+            for pkt in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(pkt)
+        for pkt in stream.encode(None):
+            container.mux(pkt)
+    rc, out, m = _run(tmp_path, "v2v", "--input-video", str(src), chunks=5)
+    assert rc == 0
+    rows = _metrics(m)
+    assert len(rows) == 2  # 30 input frames cover 9 + 12 output frames, not a third chunk
+    assert [r["generator_calls"] for r in rows] == [2, 3]  # v2v default: 2 steps
+    assert np.load(out).shape[0] == 21
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--height", "40"], "height"),
+        (["--width", "50"], "width"),
+        (["--preset", "huge"], "preset"),
+        (["--step-list", "500,750"], "denoising_step_list"),
+        (["--input-video", "/nonexistent/in.mp4"], "input_video"),
+    ],
+)
+def test_bad_input_exits_2_naming_the_field(tmp_path: Path, capsys, args: list[str], needle: str) -> None:
+    out = tmp_path / "o.npy"
+    assert main(["run", "--out", str(out), *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not out.exists(), "validation must happen before any output is opened"
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("bad.json", "{not json", "bad.json"),
+        ("nochunk0.json", '{"entries": [{"chunk": 2, "prompt": "x"}]}', "chunk"),
+        ("badtr.json", '{"entries": [{"chunk": 0, "prompt": "x", "transition": "fade"}]}', "transition"),
+        ("order.toml", '[[entries]]\nchunk = 0\nprompt = "a"\n[[entries]]\nchunk = 0\nprompt = "b"\n', "entries[1]"),
+        ("extra.json", '{"entries": [{"chunk": 0, "prompt": "x", "color": 1}]}', "color"),
+    ],
+)
+def test_malformed_timeline_exits_2(tmp_path: Path, capsys, name: str, text: str, needle: str) -> None:
+    tl = tmp_path / name
+    tl.write_text(text)
+    assert main(["run", "--timeline", str(tl), "--out", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "timeline" in err or name in err
+
+
+def test_unreadable_input_video_exits_2(tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "garbage.mp4"
+    bad.write_bytes(os.urandom(4096))
+    assert main(["run", "--input-video", str(bad), "--out", str(tmp_path / "o.npy")]) == 2
+    assert "garbage.mp4" in capsys.readouterr().err
+
+
+def test_forced_extra_generator_call_fails_the_plan(tmp_path: Path, monkeypatch, caplog) -> None:
+    monkeypatch.setenv("STREAMDIT_TEST_EXTRA_GENERATOR_CALLS", "1")
+    rc, out, m = _run(tmp_path, "plan")
+    assert rc == 1
+    assert "expected_generator_calls" in caplog.text and "chunk_index=0" in caplog.text
+    assert read_npy_header_shape(out)[0] == 0  # nothing decoded from a chunk that broke its plan
+
+
+def test_crash_mid_stream_keeps_decoded_frames(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("STREAMDIT_TEST_CRASH_AT_CHUNK", "2")
+    for suffix in ("npy", "mp4"):
+        out = tmp_path / f"crash.{suffix}"
+        with pytest.raises(RuntimeError, match="injected crash at chunk 2"):
+            main(["run", *GEOM, "--chunks", "4", "--out", str(out)])
+        n = np.load(out).shape[0] if suffix == "npy" else count_mp4_frames(out)
+        assert n == 9 + 12
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_stream_drains_to_a_valid_video(tmp_path: Path, sig: signal.Signals) -> None:
+    out, metrics = tmp_path / "int.mp4", tmp_path / "int.jsonl"
+    env = {**os.environ, "STREAMDIT_TEST_SLOW_CHUNK_MS": "400", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "streamdit", "run", *GEOM, "--chunks", "50", "--out", str(out),
+           "--metrics", str(metrics)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert f"interrupted ({sig.name})" in err
+    rows = _metrics(metrics)
+    assert 2 <= len(rows) < 50
+    assert count_mp4_frames(out) == sum(r["frames"] for r in rows)

@@ -1,0 +1,64 @@
+"""Imports run one way (model ← parallel ← runtime, protocol ← runtime) and only config.py reads
+os.environ. Walks the AST of every module, so a violation fails here before it ships."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "streamdit"
+
+# package -> streamdit modules it may import (prefix match); third-party is unrestricted but
+# protocol/ and model/ additionally may not import heavy runtime deps like av.
+ALLOWED = {
+    "model": ("streamdit.errors", "streamdit.model"),
+    "protocol": ("streamdit.errors", "streamdit.protocol"),
+    "parallel": ("streamdit.errors", "streamdit.config", "streamdit.model", "streamdit.parallel"),
+}
+FORBIDDEN_THIRD_PARTY = {"model": ("av",), "protocol": ("av", "safetensors", "numpy")}
+
+
+def _modules() -> list[Path]:
+    return sorted(SRC.rglob("*.py"))
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_run_one_way(path: Path) -> None:
+    package = path.relative_to(SRC).parts[0]
+    if package not in ALLOWED:
+        return
+    for name in _imports(path):
+        if name.startswith("streamdit"):
+            assert name.startswith(ALLOWED[package]), f"{path.name}: {package}/ may not import {name}"
+        assert name.split(".")[0] not in FORBIDDEN_THIRD_PARTY.get(package, ()), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_only_config_reads_environ(path: Path) -> None:
+    if path.name == "config.py" and path.parent == SRC:
+        return
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv", "putenv"):
+            pytest.fail(f"{path.relative_to(SRC)}:{node.lineno} touches os.{node.attr}; only config.py may")
+
+
+def test_no_pickle_anywhere() -> None:
+    for path in _modules():
+        for name in _imports(path):
+            assert name.split(".")[0] not in ("pickle", "cloudpickle", "dill"), f"{path} imports {name}"
+        text = path.read_text(encoding="utf-8")
+        assert "_object_list" not in text and "send_object" not in text, f"{path} uses an object collective"

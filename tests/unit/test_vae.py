@@ -1,0 +1,203 @@
+"""Causal video VAE: frame arithmetic, streaming == whole-clip (bit for bit), reset, init, dtypes.
+
+Small shapes (32×32 pixels, tiny preset) keep the file to a few seconds on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from streamdit.errors import ConfigError
+from streamdit.model.vae import (
+    VAE_PRESETS,
+    WAN21_LATENT_MEAN,
+    WAN21_LATENT_STD,
+    CausalVideoVAE,
+    StreamingDecoder,
+    StreamingEncoder,
+    get_vae_config,
+    latent_frames,
+    pixel_frames,
+)
+from streamdit.model.vae_blocks import CausalCache, CausalConv3d
+
+SPLITS = [(1, 3, 3), (3, 4), (2, 2, 2, 1), (1, 1, 1, 1, 1, 1, 1)]
+
+
+@pytest.fixture(scope="module")
+def vae() -> CausalVideoVAE:
+    model = CausalVideoVAE(get_vae_config("tiny"))
+    model.init_weights(seed=0)
+    return model
+
+
+def _latents(frames: int, batch: int = 1, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, frames, 16, 4, 4, generator=gen)
+
+
+def _pixels(frames: int, batch: int = 1, seed: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, frames, 32, 32, generator=gen) * 2 - 1
+
+
+def test_presets_and_unknown_name() -> None:
+    assert set(VAE_PRESETS) == {"tiny", "wan"}
+    assert get_vae_config("wan").base_dim == 96
+    with pytest.raises(ConfigError, match="vae"):
+        get_vae_config("huge")
+    with pytest.raises(ConfigError, match="temporal_downsample"):
+        dataclasses.replace(get_vae_config("tiny"), temporal_downsample=(True, True, True))
+
+
+def test_wan_preset_has_wan21_vae_names_and_size() -> None:
+    """The wan preset must accept a Wan2.1 VAE checkpoint: same names, same shapes, ~127 M."""
+    sd = CausalVideoVAE(get_vae_config("wan"), device="meta").state_dict()
+    assert 126e6 < sum(t.numel() for t in sd.values()) < 128e6
+    expected = {
+        "encoder.conv1.weight": (96, 3, 3, 3, 3),
+        "encoder.downsamples.0.residual.0.gamma": (96, 1, 1, 1),
+        "encoder.downsamples.5.time_conv.weight": (192, 192, 3, 1, 1),
+        "encoder.middle.1.to_qkv.weight": (1152, 384, 1, 1),
+        "encoder.head.2.weight": (32, 384, 3, 3, 3),
+        "conv1.weight": (32, 32, 1, 1, 1),
+        "conv2.weight": (16, 16, 1, 1, 1),
+        "decoder.upsamples.3.time_conv.weight": (768, 384, 3, 1, 1),
+        "decoder.upsamples.4.residual.2.weight": (384, 192, 3, 3, 3),
+        "decoder.upsamples.11.resample.1.weight": (96, 192, 3, 3),
+        "decoder.head.2.weight": (3, 96, 3, 3, 3),
+    }
+    assert {k: tuple(sd[k].shape) for k in expected} == expected
+    assert "latent_mean" not in sd  # stats are not part of Wan checkpoints
+
+
+def test_frame_arithmetic_helpers() -> None:
+    assert [pixel_frames(f, first_chunk=True) for f in (1, 2, 3)] == [1, 5, 9]
+    assert [pixel_frames(f, first_chunk=False) for f in (1, 3)] == [4, 12]
+    assert latent_frames(13, first_chunk=True) == 4
+    assert latent_frames(12, first_chunk=False) == 3
+
+
+def test_whole_clip_shapes(vae: CausalVideoVAE) -> None:
+    z = vae.encode(_pixels(9, batch=2))
+    assert z.shape == (2, 3, 16, 4, 4)
+    x = vae.decode(z)
+    assert x.shape == (2, 3, 9, 32, 32)
+    assert x.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_chunked_decode_equals_whole_decode(vae: CausalVideoVAE, split: tuple[int, ...]) -> None:
+    lat = _latents(7, batch=2)
+    whole = vae.decode(lat)
+    dec = StreamingDecoder(vae)
+    parts, start = [], 0
+    for i, n in enumerate(split):
+        out = dec.decode_chunk(lat[:, start : start + n])
+        assert out.shape[2] == (1 + 4 * (n - 1) if i == 0 else 4 * n)
+        parts.append(out)
+        start += n
+    assert dec.latent_frames_seen == 7
+    assert torch.equal(torch.cat(parts, dim=2), whole)
+
+
+@pytest.mark.parametrize("split", [(1, 4, 8), (5, 8), (9, 4), (1, 4, 4, 4)])
+def test_chunked_encode_equals_whole_encode(vae: CausalVideoVAE, split: tuple[int, ...]) -> None:
+    pix = _pixels(13, batch=2)
+    whole = vae.encode(pix)
+    enc = StreamingEncoder(vae)
+    parts, start = [], 0
+    for n in split:
+        parts.append(enc.encode_chunk(pix[:, :, start : start + n]))
+        start += n
+    assert [p.shape[1] for p in parts] == [1 + (split[0] - 1) // 4] + [n // 4 for n in split[1:]]
+    assert torch.equal(torch.cat(parts, dim=1), whole)
+
+
+def test_decode_is_causal(vae: CausalVideoVAE) -> None:
+    lat = _latents(4)
+    assert torch.equal(vae.decode(lat[:, :2]), vae.decode(lat)[:, :, :5])
+
+
+def test_history_is_used_and_reset_is_a_hard_cut(vae: CausalVideoVAE) -> None:
+    a, b = _latents(3, seed=3), _latents(3, seed=4)
+    fresh = vae.decode(b)
+    dec = StreamingDecoder(vae)
+    dec.decode_chunk(a)
+    continued = dec.decode_chunk(b)
+    # latent frames 1.. of b: after a they see a's history, on a fresh stream they do not
+    assert not torch.allclose(continued[:, :, 4:], fresh[:, :, 1:], atol=1e-3)
+    dec.reset()
+    assert dec.latent_frames_seen == 0
+    assert torch.equal(dec.decode_chunk(b), fresh)
+
+    pix = _pixels(5)
+    enc = StreamingEncoder(vae)
+    enc.encode_chunk(_pixels(9, seed=5))
+    enc.reset()
+    assert torch.equal(enc.encode_chunk(pix), vae.encode(pix))
+
+
+def test_bad_geometry_raises_config_error(vae: CausalVideoVAE) -> None:
+    with pytest.raises(ConfigError, match="height"):
+        vae.encode(torch.zeros(1, 3, 1, 36, 32))
+    with pytest.raises(ConfigError, match="width"):
+        vae.encode(torch.zeros(1, 3, 1, 32, 20))
+    with pytest.raises(ConfigError, match="num_frames"):
+        vae.encode(torch.zeros(1, 3, 4, 32, 32))  # first chunk needs T ≡ 1 (mod 4)
+    enc = StreamingEncoder(vae)
+    enc.encode_chunk(torch.zeros(1, 3, 1, 32, 32))
+    with pytest.raises(ConfigError, match="num_frames"):
+        enc.encode_chunk(torch.zeros(1, 3, 5, 32, 32))  # later chunks need T ≡ 0 (mod 4)
+    with pytest.raises(ConfigError, match="latents"):
+        vae.decode(torch.zeros(1, 2, 8, 4, 4))
+
+
+def test_init_is_deterministic_and_seeded() -> None:
+    cfg = get_vae_config("tiny")
+    a, b, c = (CausalVideoVAE(cfg) for _ in range(3))
+    a.init_weights(7)
+    b.init_weights(7)
+    c.init_weights(8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa if k.endswith("weight"))
+
+
+def test_bfloat16_is_finite_and_non_trivial(vae: CausalVideoVAE) -> None:
+    bf = CausalVideoVAE(get_vae_config("tiny"), dtype=torch.bfloat16)
+    bf.init_weights(0)
+    lat = _latents(2)
+    out = bf.decode(lat)
+    assert out.dtype == torch.bfloat16
+    assert torch.isfinite(out).all()
+    assert out.float().std() > 0.05
+    # same weights, lower precision: close to the fp32 decode, not equal
+    assert (out.float() - vae.decode(lat)).abs().mean() < 0.05
+    z = bf.encode(_pixels(5))
+    assert torch.isfinite(z).all() and z.float().std() > 0.05
+
+
+def test_wan21_latent_norm_is_applied_inside_encode_and_decode(vae: CausalVideoVAE) -> None:
+    cfg = dataclasses.replace(get_vae_config("tiny"), latent_norm="wan2.1")
+    normed = CausalVideoVAE(cfg)
+    normed.load_state_dict(vae.state_dict())
+    mean = torch.tensor(WAN21_LATENT_MEAN).view(1, 1, 16, 1, 1)
+    std = torch.tensor(WAN21_LATENT_STD).view(1, 1, 16, 1, 1)
+    pix = _pixels(5)
+    torch.testing.assert_close(normed.encode(pix), (vae.encode(pix) - mean) / std)
+    lat = _latents(2)
+    torch.testing.assert_close(normed.decode(lat), vae.decode(lat * std + mean))
+
+
+def test_cached_causal_conv_equals_one_shot_causal_conv() -> None:
+    """The cache carries exactly the frames zero padding would otherwise stand for."""
+    conv = CausalConv3d(4, 5, 3, padding=1)
+    with torch.no_grad():
+        x = torch.randn(2, 4, 9, 6, 6, generator=torch.Generator().manual_seed(0))
+        cache = CausalCache()
+        steps = [conv(x[:, :, a:b], cache) for a, b in ((0, 1), (1, 5), (5, 6), (6, 9))]
+        torch.testing.assert_close(torch.cat(steps, dim=2), conv(x))
