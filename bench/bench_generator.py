@@ -50,8 +50,13 @@ def time_cuda(fn, iters: int, warmup: int) -> list[float]:
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> dict:
     """bf16 matmul rate on random data (rotating 3 operand sets so L2 does not flatter it)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    sets = [(torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen),
-             torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)) for _ in range(3)]
+    sets = [
+        (
+            torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen),
+            torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen),
+        )
+        for _ in range(3)
+    ]
     i = [0]
 
     def mm() -> None:
@@ -61,10 +66,16 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
 
     ms = time_cuda(mm, iters, 5)
     flops = 2 * n**3
-    return {"n": n, "median_ms": statistics.median(ms), "tflops": flops / (statistics.median(ms) / 1e3) / 1e12}
+    return {
+        "n": n,
+        "median_ms": statistics.median(ms),
+        "tflops": flops / (statistics.median(ms) / 1e3) / 1e12,
+    }
 
 
-def build(args: argparse.Namespace, device: torch.device) -> tuple[CausalWanDiT, KVCache, CrossAttnCache, dict]:
+def build(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[CausalWanDiT, KVCache, CrossAttnCache, dict]:
     cfg = get_dit_config(args.preset)
     dtype = torch.bfloat16
     backend = resolve_attention_backend(args.attn_backend, device, dtype)
@@ -74,11 +85,24 @@ def build(args: argparse.Namespace, device: torch.device) -> tuple[CausalWanDiT,
     model.eval()
     torch.cuda.synchronize()
     tpf = (args.height // 16) * (args.width // 16)
-    kv = KVCache(num_layers=cfg.num_layers, batch=1, heads=cfg.num_heads, head_dim=cfg.head_dim,
-                 tokens_per_frame=tpf, capacity_frames=2 * args.frames, sink_frames=0, dtype=dtype, device=device)
+    kv = KVCache(
+        num_layers=cfg.num_layers,
+        batch=1,
+        heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        tokens_per_frame=tpf,
+        capacity_frames=2 * args.frames,
+        sink_frames=0,
+        dtype=dtype,
+        device=device,
+    )
     cross = CrossAttnCache(cfg.num_layers)
-    info = {"init_s": time.perf_counter() - t0, "attn_backend": backend, "tokens_per_frame": tpf,
-            "params": sum(p.numel() for p in model.parameters())}
+    info = {
+        "init_s": time.perf_counter() - t0,
+        "attn_backend": backend,
+        "tokens_per_frame": tpf,
+        "params": sum(p.numel() for p in model.parameters()),
+    }
     return model, kv, cross, info
 
 
@@ -95,7 +119,15 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
     cross.reset()
     t0 = time.perf_counter()
     # steady state: recompute call over the context frames, then the chunk (the window is full)
-    model(ctx, torch.zeros(1, device=device), text, kv_cache=kv, cross_cache=cross, start_frame=f, kv_bias=1.0)
+    model(
+        ctx,
+        torch.zeros(1, device=device),
+        text,
+        kv_cache=kv,
+        cross_cache=cross,
+        start_frame=f,
+        kv_bias=1.0,
+    )
 
     def call() -> None:
         model(x, t, text, kv_cache=kv, cross_cache=cross, start_frame=2 * f, kv_bias=1.0)
@@ -108,9 +140,15 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
     flops = dit_flops_per_call(cfg, tokens=tokens, cached_tokens=tokens, text_len=cfg.text_len)
     med = statistics.median(ms)
     return {
-        "compiled": compiled, "first_calls_s": first_s, "ms_per_call_median": med, "ms_per_call_min": min(ms),
-        "ms_per_call_p90": sorted(ms)[int(0.9 * len(ms))], "flops_per_call": flops,
-        "tflops_achieved": flops / (med / 1e3) / 1e12, "tokens": tokens, "keys": 2 * tokens,
+        "compiled": compiled,
+        "first_calls_s": first_s,
+        "ms_per_call_median": med,
+        "ms_per_call_min": min(ms),
+        "ms_per_call_p90": sorted(ms)[int(0.9 * len(ms))],
+        "flops_per_call": flops,
+        "tflops_achieved": flops / (med / 1e3) / 1e12,
+        "tokens": tokens,
+        "keys": 2 * tokens,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
     }
 
@@ -143,17 +181,40 @@ def main() -> int:
         results.append(res)
         print(json.dumps(res), flush=True)
     out = {
-        "bench": "generator_forward", "command": shlex.join([sys.executable, *sys.argv]),
-        "device_name": torch.cuda.get_device_name(device), "torch": torch.__version__,
-        "preset": args.preset, "geometry": [args.height, args.width], "dtype": "bfloat16",
-        "matmul_peak": peak, "model": info, "results": results,
+        "bench": "generator_forward",
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "device_name": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "geometry": [args.height, args.width],
+        "dtype": "bfloat16",
+        "matmul_peak": peak,
+        "model": info,
+        "results": results,
         "chunk_generator_ms_4_steps_plus_recompute": [5 * r["ms_per_call_median"] for r in results],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
-    print(json.dumps({"peak_tflops": peak["tflops"], "results": [
-        {k: r[k] for k in ("variant", "ms_per_call_median", "tflops_achieved", "fraction_of_peak")} for r in results
-    ]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "peak_tflops": peak["tflops"],
+                "results": [
+                    {
+                        k: r[k]
+                        for k in (
+                            "variant",
+                            "ms_per_call_median",
+                            "tflops_achieved",
+                            "fraction_of_peak",
+                        )
+                    }
+                    for r in results
+                ],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

@@ -54,7 +54,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         metrics = Path(tmp) / "m.jsonl"
         video = Path(tmp) / "v.npy"
-        rc = streamdit_main(["run", *run_args, "--metrics", str(metrics), "--out", str(video), "--no-progress"])
+        rc = streamdit_main(
+            ["run", *run_args, "--metrics", str(metrics), "--out", str(video), "--no-progress"]
+        )
         if rc != 0:
             return rc
         rows = [json.loads(line) for line in metrics.read_text().splitlines()]

@@ -44,7 +44,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunks", type=int, default=d.chunks, help="chunks to generate")
     p.add_argument("--frames-per-chunk", type=int, default=d.frames_per_chunk, help="latent frames per chunk")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (evenly spaced from 1000)")
-    p.add_argument("--step-list", type=_int_list, default=None, help="explicit timesteps, e.g. 1000,750,500,250")
+    p.add_argument(
+        "--step-list",
+        type=_int_list,
+        default=None,
+        help="explicit timesteps, e.g. 1000,750,500,250",
+    )
     p.add_argument("--shift", type=float, default=d.shift, help="flow schedule shift")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and noise")
     p.add_argument("--prompt", default=d.prompt, help="prompt when no --timeline is given")
@@ -83,14 +88,32 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         steps = DEFAULT_V2V_STEP_LIST if args.input_video else DEFAULT_STEP_LIST
     return RunConfig(
-        preset=args.preset, vae=args.vae, height=args.height, width=args.width, chunks=args.chunks,
-        frames_per_chunk=args.frames_per_chunk, denoising_step_list=tuple(steps), shift=args.shift,
-        seed=args.seed, prompt=args.prompt, timeline=args.timeline, input_video=args.input_video,
-        out=args.out, metrics=args.metrics, device=args.device, dtype=args.dtype,
-        attn_backend=args.attn_backend, kv_recompute=not args.no_kv_recompute,
-        local_attn_frames=args.local_attn_frames, sink_frames=args.sink_frames, soft_bias=args.soft_bias,
-        checkpoint=args.checkpoint, vae_checkpoint=args.vae_checkpoint, fps=args.fps,
-        progress=not args.no_progress and is_tty_allowed(), test_hooks=read_test_hooks(),
+        preset=args.preset,
+        vae=args.vae,
+        height=args.height,
+        width=args.width,
+        chunks=args.chunks,
+        frames_per_chunk=args.frames_per_chunk,
+        denoising_step_list=tuple(steps),
+        shift=args.shift,
+        seed=args.seed,
+        prompt=args.prompt,
+        timeline=args.timeline,
+        input_video=args.input_video,
+        out=args.out,
+        metrics=args.metrics,
+        device=args.device,
+        dtype=args.dtype,
+        attn_backend=args.attn_backend,
+        kv_recompute=not args.no_kv_recompute,
+        local_attn_frames=args.local_attn_frames,
+        sink_frames=args.sink_frames,
+        soft_bias=args.soft_bias,
+        checkpoint=args.checkpoint,
+        vae_checkpoint=args.vae_checkpoint,
+        fps=args.fps,
+        progress=not args.no_progress and is_tty_allowed(),
+        test_hooks=read_test_hooks(),
     )
 
 
@@ -108,7 +131,9 @@ def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     stop = StopFlag()
     previous = _install_drain_handlers(stop)
     try:
@@ -129,10 +154,15 @@ def main(argv: list[str] | None = None) -> int:
         for sig, old in previous.items():
             signal.signal(sig, old)
     if summary.stopped_early:
-        print(f"streamdit: interrupted ({summary.stopped_early}); drained after {summary.chunks} chunks, "
-              f"{summary.frames} frames in {summary.out}", file=sys.stderr)
+        print(
+            f"streamdit: interrupted ({summary.stopped_early}); drained after {summary.chunks} chunks, "
+            f"{summary.frames} frames in {summary.out}",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    print(f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} in {summary.seconds:.1f} s")
+    print(
+        f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} in {summary.seconds:.1f} s"
+    )
     return 0
 
 

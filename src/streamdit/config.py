@@ -91,31 +91,61 @@ class RunConfig:
     """STREAMDIT_TEST_* settings (parity keys): named fault injection points for tests."""
 
     def __post_init__(self) -> None:
-        _check(self.height > 0 and self.height % 16 == 0, "height", f"{self.height} is not a positive multiple of 16")
-        _check(self.width > 0 and self.width % 16 == 0, "width", f"{self.width} is not a positive multiple of 16")
+        _check(
+            self.height > 0 and self.height % 16 == 0,
+            "height",
+            f"{self.height} is not a positive multiple of 16",
+        )
+        _check(
+            self.width > 0 and self.width % 16 == 0,
+            "width",
+            f"{self.width} is not a positive multiple of 16",
+        )
         _check(self.chunks >= 1, "chunks", f"must be >= 1, got {self.chunks}")
-        _check(self.frames_per_chunk >= 1, "frames_per_chunk", f"must be >= 1, got {self.frames_per_chunk}")
+        _check(
+            self.frames_per_chunk >= 1,
+            "frames_per_chunk",
+            f"must be >= 1, got {self.frames_per_chunk}",
+        )
         steps = self.denoising_step_list
         _check(len(steps) >= 1, "denoising_step_list", "must not be empty")
-        _check(all(0 < t <= 1000 for t in steps), "denoising_step_list", f"{steps} must lie in (0, 1000]")
-        _check(all(a > b for a, b in zip(steps, steps[1:], strict=False)), "denoising_step_list",
-               f"{steps} must be strictly decreasing")
+        _check(
+            all(0 < t <= 1000 for t in steps),
+            "denoising_step_list",
+            f"{steps} must lie in (0, 1000]",
+        )
+        _check(
+            all(a > b for a, b in zip(steps, steps[1:], strict=False)),
+            "denoising_step_list",
+            f"{steps} must be strictly decreasing",
+        )
         _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
-        _check(self.out.suffix in OUTPUT_SUFFIXES, "out", f"{self.out} must end in one of {OUTPUT_SUFFIXES}")
+        _check(
+            self.out.suffix in OUTPUT_SUFFIXES,
+            "out",
+            f"{self.out} must end in one of {OUTPUT_SUFFIXES}",
+        )
         _check(0.0 < self.soft_bias <= 1.0, "soft_bias", f"must be in (0, 1], got {self.soft_bias}")
         _check(self.shift > 0, "shift", f"must be > 0, got {self.shift}")
         _check(self.fps >= 1, "fps", f"must be >= 1, got {self.fps}")
         ctx = self.context_frames
-        _check(self.local_attn_frames >= self.frames_per_chunk + (ctx if self.kv_recompute else 0),
-               "local_attn_frames",
-               f"{self.local_attn_frames} cannot hold the context ({ctx}) plus a chunk ({self.frames_per_chunk})")
         _check(
-            0 <= self.sink_frames and self.sink_frames + self.frames_per_chunk < self.local_attn_frames,
+            self.local_attn_frames >= self.frames_per_chunk + (ctx if self.kv_recompute else 0),
+            "local_attn_frames",
+            f"{self.local_attn_frames} cannot hold the context ({ctx}) "
+            f"plus a chunk ({self.frames_per_chunk})",
+        )
+        _check(
+            self.sink_frames >= 0 and self.sink_frames + self.frames_per_chunk < self.local_attn_frames,
             "sink_frames",
             f"{self.sink_frames} leaves no evictable frame in a window of {self.local_attn_frames}",
         )
         for key in self.test_hooks:
-            _check(key.startswith(TEST_HOOK_PREFIX), "test_hooks", f"{key} lacks the {TEST_HOOK_PREFIX} prefix")
+            _check(
+                key.startswith(TEST_HOOK_PREFIX),
+                "test_hooks",
+                f"{key} lacks the {TEST_HOOK_PREFIX} prefix",
+            )
 
     @property
     def context_frames(self) -> int:

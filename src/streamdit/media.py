@@ -1,9 +1,11 @@
 """Video in and out: PyAV for .mp4, a streaming lossless .npy writer, input-video reading.
 
 Owns: `open_writer(path, ...)` returning a writer whose file is a valid video after every
-`write()` returns — so Ctrl-C, a crash or even SIGKILL mid-stream leaves every frame written so
-far readable. The .mp4 is fragmented (a fragment per chunk: `empty_moov` + `frag_keyframe`,
-keyframe on each chunk's first frame), the .npy header is rewritten after each append.
+`write()` returns — so Ctrl-C or a crash mid-stream (which reach `close()`) leaves every frame
+written so far readable. The .mp4 is fragmented (a fragment per chunk: `empty_moov` +
+`frag_keyframe`, a keyframe on each chunk's first frame, packets flushed as they are muxed), so
+even a SIGKILL leaves a playable file holding every chunk but the newest, whose fragment closes
+at the next chunk's keyframe. The .npy header is rewritten after each append.
 Also `probe_video` / `read_video_frames` for video-to-video input. Imports no other streamdit
 layer besides errors.
 """
@@ -73,8 +75,13 @@ class Mp4Writer:
         self.width = width
         self.frames_written = 0
         self._container = av.open(
-            str(path), mode="w", format="mp4",
-            options={"movflags": "frag_keyframe+empty_moov+default_base_moof"},
+            str(path),
+            mode="w",
+            format="mp4",
+            options={
+                "movflags": "frag_keyframe+empty_moov+default_base_moof",
+                "flush_packets": "1",
+            },
         )
         stream = self._container.add_stream("libx264", rate=Fraction(fps, 1))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"

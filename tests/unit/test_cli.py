@@ -30,7 +30,19 @@ pytestmark = pytest.mark.timeout(120)
 def _run(tmp_path: Path, name: str, *extra: str, chunks: int = 3) -> tuple[int, Path, Path]:
     out = tmp_path / f"{name}.npy"
     metrics = tmp_path / f"{name}.jsonl"
-    rc = main(["run", *GEOM, "--chunks", str(chunks), "--out", str(out), "--metrics", str(metrics), *extra])
+    rc = main(
+        [
+            "run",
+            *GEOM,
+            "--chunks",
+            str(chunks),
+            "--out",
+            str(out),
+            "--metrics",
+            str(metrics),
+            *extra,
+        ]
+    )
     return rc, out, metrics
 
 
@@ -122,8 +134,16 @@ def test_bad_input_exits_2_naming_the_field(tmp_path: Path, capsys, args: list[s
     [
         ("bad.json", "{not json", "bad.json"),
         ("nochunk0.json", '{"entries": [{"chunk": 2, "prompt": "x"}]}', "chunk"),
-        ("badtr.json", '{"entries": [{"chunk": 0, "prompt": "x", "transition": "fade"}]}', "transition"),
-        ("order.toml", '[[entries]]\nchunk = 0\nprompt = "a"\n[[entries]]\nchunk = 0\nprompt = "b"\n', "entries[1]"),
+        (
+            "badtr.json",
+            '{"entries": [{"chunk": 0, "prompt": "x", "transition": "fade"}]}',
+            "transition",
+        ),
+        (
+            "order.toml",
+            '[[entries]]\nchunk = 0\nprompt = "a"\n[[entries]]\nchunk = 0\nprompt = "b"\n',
+            "entries[1]",
+        ),
         ("extra.json", '{"entries": [{"chunk": 0, "prompt": "x", "color": 1}]}', "color"),
     ],
 )
@@ -164,12 +184,25 @@ def test_crash_mid_stream_keeps_decoded_frames(tmp_path: Path, monkeypatch) -> N
 def test_signal_mid_stream_drains_to_a_valid_video(tmp_path: Path, sig: signal.Signals) -> None:
     out, metrics = tmp_path / "int.mp4", tmp_path / "int.jsonl"
     env = {**os.environ, "STREAMDIT_TEST_SLOW_CHUNK_MS": "400", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "streamdit", "run", *GEOM, "--chunks", "50", "--out", str(out),
-           "--metrics", str(metrics)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamdit",
+        "run",
+        *GEOM,
+        "--chunks",
+        "50",
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        while time.monotonic() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 2
+        ):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(sig)

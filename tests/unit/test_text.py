@@ -84,9 +84,7 @@ def test_stable_across_processes_with_different_hash_seeds(enc: HashTextEncoder)
     )
     src = str(Path(streamdit.__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": src}
-    proc = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     ids_line, digest = proc.stdout.strip().splitlines()
     assert ids_line == str(enc.token_ids(prompt))

@@ -209,9 +209,7 @@ def test_bad_checkpoint_names_file_and_key_and_changes_nothing(tmp_path: Path, c
 
 
 def test_error_lists_only_the_first_few_keys(tmp_path: Path) -> None:
-    path = _write(
-        tmp_path / "half.safetensors", {"patch_embedding.weight": torch.zeros(D, 16, 1, 2, 2)}
-    )
+    path = _write(tmp_path / "half.safetensors", {"patch_embedding.weight": torch.zeros(D, 16, 1, 2, 2)})
     with pytest.raises(CheckpointError, match=r"missing: .* \(\+\d+ more\)"):
         load_safetensors_into(_model(0), path)
 

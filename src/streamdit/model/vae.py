@@ -279,9 +279,7 @@ def _check_pixels(pixels: Tensor, *, first_chunk: bool) -> None:
     want = 1 if first_chunk else 0
     if t <= 0 or t % TIME_STRIDE != want:
         which = "a stream's first chunk" if first_chunk else "a continuing chunk"
-        raise ConfigError(
-            f"num_frames: {t} pixel frames for {which}; need T ≡ {want} (mod {TIME_STRIDE})"
-        )
+        raise ConfigError(f"num_frames: {t} pixel frames for {which}; need T ≡ {want} (mod {TIME_STRIDE})")
 
 
 def _check_latents(latents: Tensor, z_dim: int) -> None:

@@ -223,9 +223,7 @@ def _plan(
             mapping[file_key] = target
             want = tuple(targets[target].shape)
             if header[file_key] != want:
-                mis_shaped.append(
-                    f"{file_key}: expected {list(want)} found {list(header[file_key])}"
-                )
+                mis_shaped.append(f"{file_key}: expected {list(want)} found {list(header[file_key])}")
     missing = [f"{k} {list(targets[k].shape)}" for k in targets if k not in claimed]
     found = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
     problems = [_describe(name, keys) for name, keys in found if keys]

@@ -20,7 +20,7 @@ from streamdit.media import probe_video, read_video_frames
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import DiTConfig, get_dit_config
-from streamdit.model.scheduler import FlowMatchScheduler
+from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
 from streamdit.model.text import HashTextEncoder
 from streamdit.model.vae import CausalVideoVAE, get_vae_config
 from streamdit.model.weights import check_safetensors, load_safetensors_into
@@ -64,7 +64,7 @@ def validate_run(cfg: RunConfig) -> ValidatedRun:
     device = resolve_device(cfg.device)
     dtype = DTYPE_BY_NAME[cfg.dtype]
     backend = resolve_attention_backend(cfg.attn_backend, device, dtype)
-    FlowMatchScheduler.validate_step_list(cfg.denoising_step_list)
+    validate_step_list(cfg.denoising_step_list)
     timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
     chunks = cfg.chunks
     if cfg.input_video is not None:
@@ -75,7 +75,13 @@ def validate_run(cfg: RunConfig) -> ValidatedRun:
         meta_vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=torch.device("meta"), dtype=dtype)
         check_safetensors(meta_vae, cfg.vae_checkpoint)
     return ValidatedRun(
-        cfg=cfg, dit=dit, device=device, dtype=dtype, attn_backend=backend, timeline=timeline, chunks=chunks
+        cfg=cfg,
+        dit=dit,
+        device=device,
+        dtype=dtype,
+        attn_backend=backend,
+        timeline=timeline,
+        chunks=chunks,
     )
 
 
@@ -105,7 +111,11 @@ def build_generator(run: ValidatedRun) -> GeneratorRunner:
 def build_stage0_parts(run: ValidatedRun) -> tuple[HashTextEncoder, CausalVideoVAE]:
     cfg = run.cfg
     text = HashTextEncoder(
-        run.dit.text_dim, run.dit.text_len, seed=cfg.seed + TEXT_SEED_OFFSET, device=run.device, dtype=run.dtype
+        run.dit.text_dim,
+        run.dit.text_len,
+        seed=cfg.seed + TEXT_SEED_OFFSET,
+        device=run.device,
+        dtype=run.dtype,
     )
     vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=run.device, dtype=run.dtype)
     if cfg.vae_checkpoint is not None:

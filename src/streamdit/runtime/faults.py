@@ -46,4 +46,6 @@ def _int(cfg: RunConfig, name: str) -> int | None:
     try:
         return int(raw)
     except ValueError as exc:
-        raise ConfigError(f"STREAMDIT_TEST_{name}={raw!r} is not an integer [field=STREAMDIT_TEST_{name}]") from exc
+        raise ConfigError(
+            f"STREAMDIT_TEST_{name}={raw!r} is not an integer [field=STREAMDIT_TEST_{name}]"
+        ) from exc

@@ -100,7 +100,8 @@ class GeneratorRunner:
                 raise PlanError(
                     f"geometry {inputs.height}x{inputs.width} differs from the cache's "
                     f"{self.geometry.height}x{self.geometry.width} without init_cache",
-                    field="height", **ids.as_kwargs(),
+                    field="height",
+                    **ids.as_kwargs(),
                 )
             self.geometry = geometry
             self.kv_cache = self._allocate_kv(geometry)
@@ -120,23 +121,39 @@ class GeneratorRunner:
     def _denoise(self, inputs: GeneratorInputs, text: torch.Tensor) -> torch.Tensor:
         steps = inputs.denoising_step_list.to("cpu", torch.int64)
         sigmas = self.scheduler.sigmas(steps)
+        # The generator is conditioned on the warped timestep 1000·sigma(t) (Self-Forcing).
+        timesteps = self.scheduler.timesteps(steps)
         x = inputs.latents.to(self.device, self.dtype)
         noise_seed = mix_seed(inputs.base_seed, RENOISE_STREAM)
         x0 = x
         for i in range(len(steps)):
-            v = self._call(x, float(steps[i]), text, inputs.current_start_frame, inputs.kv_cache_attention_bias)
+            v = self._call(
+                x,
+                float(timesteps[i]),
+                text,
+                inputs.current_start_frame,
+                inputs.kv_cache_attention_bias,
+            )
             x0 = self.scheduler.x0_from_flow(x, v, float(sigmas[i]))
             if i + 1 < len(steps):
-                eps = seeded_normal(mix_seed(noise_seed, i), tuple(x.shape), device=self.device, dtype=self.dtype)
+                eps = seeded_normal(
+                    mix_seed(noise_seed, i), tuple(x.shape), device=self.device, dtype=self.dtype
+                )
                 x = self.scheduler.renoise(x0, eps, float(sigmas[i + 1]))
         return x0
 
-    def _call(self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float) -> torch.Tensor:
+    def _call(
+        self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float
+    ) -> torch.Tensor:
         timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.float32)
         out = self.model(
-            x, timestep, text,
-            kv_cache=self.kv_cache, cross_cache=self.cross_cache,
-            start_frame=start_frame, kv_bias=bias,
+            x,
+            timestep,
+            text,
+            kv_cache=self.kv_cache,
+            cross_cache=self.cross_cache,
+            start_frame=start_frame,
+            kv_bias=bias,
         )
         self.calls_made += 1
         if self.on_call is not None:

@@ -27,7 +27,11 @@ class ChunkIds:
     control_epoch: int = 0
 
     def as_kwargs(self) -> dict[str, int]:
-        return {"call_id": self.call_id, "chunk_index": self.chunk_index, "cache_epoch": self.cache_epoch}
+        return {
+            "call_id": self.call_id,
+            "chunk_index": self.chunk_index,
+            "cache_epoch": self.cache_epoch,
+        }
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -110,9 +114,14 @@ class GeneratorInputs:
         self.plan.check(int(self.denoising_step_list.numel()), ids)
         has_ctx = self.context_frames_override is not None
         if self.do_kv_recompute != has_ctx:
-            why = "required when do_kv_recompute" if self.do_kv_recompute else "forbidden without do_kv_recompute"
+            why = (
+                "required when do_kv_recompute"
+                if self.do_kv_recompute
+                else "forbidden without do_kv_recompute"
+            )
             raise PlanError(
-                f"context_frames_override {why}", field="context_frames_override",
+                f"context_frames_override {why}",
+                field="context_frames_override",
                 **(ids.as_kwargs() if ids else {}),
             )
 
@@ -126,7 +135,9 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little") >> 1
 
 
-def seeded_normal(seed: int, shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def seeded_normal(
+    seed: int, shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from `seed`, so bits do not depend on the device."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)

@@ -17,7 +17,12 @@ import torch
 from streamdit.config import RunConfig
 from streamdit.media import open_writer
 from streamdit.model.scheduler import FlowMatchScheduler
-from streamdit.runtime.build import build_generator, build_stage0_parts, load_input_frames, validate_run
+from streamdit.runtime.build import (
+    build_generator,
+    build_stage0_parts,
+    load_input_frames,
+    validate_run,
+)
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
@@ -51,12 +56,25 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
     runner.extra_calls = faults.extra_generator_calls
     text, vae = build_stage0_parts(run)
     stage0 = Stage0(
-        cfg, timeline=run.timeline, text_encoder=text, vae=vae,
-        scheduler=FlowMatchScheduler(shift=cfg.shift), device=run.device, dtype=run.dtype,
+        cfg,
+        timeline=run.timeline,
+        text_encoder=text,
+        vae=vae,
+        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        device=run.device,
+        dtype=run.dtype,
         input_frames=input_frames,
     )
-    log.info("single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s", cfg.preset, cfg.height,
-             cfg.width, chunks, run.device, cfg.dtype, run.attn_backend)
+    log.info(
+        "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",
+        cfg.preset,
+        cfg.height,
+        cfg.width,
+        chunks,
+        run.device,
+        cfg.dtype,
+        run.attn_backend,
+    )
     writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
     metrics = MetricsWriter(cfg.metrics)
     progress = Progress(chunks, enabled=cfg.progress)
@@ -77,12 +95,20 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
             frames = stage0.finish(latents)
             writer.write(frames)
             t3 = time.perf_counter()
-            metrics.write(ChunkMetrics(
-                chunk_index=ids.chunk_index, cache_epoch=ids.cache_epoch, call_id=ids.call_id,
-                frames=int(frames.shape[0]), generator_calls=runner.calls_made - calls_before,
-                phase_a_ms=(t1 - t0) * 1e3, phase_b_ms=(t2 - t1) * 1e3, phase_c_ms=(t3 - t2) * 1e3,
-                transition=notes.transition, kv_recompute=inputs.do_kv_recompute,
-            ))
+            metrics.write(
+                ChunkMetrics(
+                    chunk_index=ids.chunk_index,
+                    cache_epoch=ids.cache_epoch,
+                    call_id=ids.call_id,
+                    frames=int(frames.shape[0]),
+                    generator_calls=runner.calls_made - calls_before,
+                    phase_a_ms=(t1 - t0) * 1e3,
+                    phase_b_ms=(t2 - t1) * 1e3,
+                    phase_c_ms=(t3 - t2) * 1e3,
+                    transition=notes.transition,
+                    kv_recompute=inputs.do_kv_recompute,
+                )
+            )
             progress.update(k + 1, writer.frames_written)
             if faults.slow_chunk_ms:
                 time.sleep(faults.slow_chunk_ms / 1e3)
@@ -91,6 +117,9 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
         writer.close()
         metrics.close()
     return RunSummary(
-        chunks=len(metrics.records), frames=writer.frames_written, out=cfg.out,
-        seconds=time.monotonic() - t_start, stopped_early=stop.reason if stop.requested else "",
+        chunks=len(metrics.records),
+        frames=writer.frames_written,
+        out=cfg.out,
+        seconds=time.monotonic() - t_start,
+        stopped_early=stop.reason if stop.requested else "",
     )

@@ -86,7 +86,8 @@ class Stage0:
         self.next_call_id += 1
         embeds, updated = self._conditioning(ps)
         plan = PhasePlan.build(
-            do_kv_recompute=self.cfg.kv_recompute and not init, num_denoise_steps=len(self.step_list)
+            do_kv_recompute=self.cfg.kv_recompute and not init,
+            num_denoise_steps=len(self.step_list),
         )
         start = self.next_start_frame
         base_seed = mix_seed(self.cfg.seed, self.cache_epoch, chunk_index)
@@ -127,7 +128,9 @@ class Stage0:
         key = ps.key
         if key not in self._cond_cache:
             new = self._encode(ps.prompt)
-            self._cond_cache[key] = new if ps.previous is None else blend(self._encode(ps.previous), new, ps.alpha)
+            self._cond_cache[key] = (
+                new if ps.previous is None else blend(self._encode(ps.previous), new, ps.alpha)
+            )
         updated = key != self._last_cond_key
         self._last_cond_key = key
         return self._cond_cache[key], updated
@@ -178,7 +181,9 @@ class Stage0:
         if self.first_latent is None:
             self.first_latent = latents_out[:, :1].clone()
         keep = self.cfg.context_frames - 1
-        prev = latents_out if self.recent_latents is None else torch.cat([self.recent_latents, latents_out], 1)
+        prev = (
+            latents_out if self.recent_latents is None else torch.cat([self.recent_latents, latents_out], 1)
+        )
         self.recent_latents = prev[:, prev.shape[1] - keep :].clone()
         pixels = self.decoder.decode_chunk(latents_out)
         window = 1 + 4 * keep

@@ -73,7 +73,9 @@ class Timeline:
         try:
             data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"timeline {path} is not valid {path.suffix or 'JSON'}: {exc} [field=timeline]") from exc
+            raise ConfigError(
+                f"timeline {path} is not valid {path.suffix or 'JSON'}: {exc} [field=timeline]"
+            ) from exc
         return cls(parse_entries(data, path))
 
     def state(self, chunk: int) -> PromptState:
@@ -84,7 +86,9 @@ class Timeline:
             alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
             prev = self.entries[idx - 1].prompt
             if alpha < 1.0:
-                return PromptState(prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True)
+                return PromptState(
+                    prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True
+                )
             return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
         return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=hard_cut, soft_active=False)
 
@@ -97,7 +101,9 @@ def parse_entries(data: Any, path: Path) -> list[TimelineEntry]:
     for i, raw in enumerate(data["entries"]):
         out.append(_parse_entry(raw, f"{path}: entries[{i}]"))
         if i and out[i].chunk <= out[i - 1].chunk:
-            raise ConfigError(f"{path}: entries[{i}].chunk={out[i].chunk} must increase [field=entries[{i}].chunk]")
+            raise ConfigError(
+                f"{path}: entries[{i}].chunk={out[i].chunk} must increase [field=entries[{i}].chunk]"
+            )
     return out
 
 
@@ -115,7 +121,9 @@ def _parse_entry(raw: Any, where: str) -> TimelineEntry:
         raise ConfigError(f"{where}.prompt must be a non-empty string, got {prompt!r} [field=prompt]")
     transition = raw.get("transition", "hard")
     if transition not in TRANSITIONS:
-        raise ConfigError(f"{where}.transition must be one of {TRANSITIONS}, got {transition!r} [field=transition]")
+        raise ConfigError(
+            f"{where}.transition must be one of {TRANSITIONS}, got {transition!r} [field=transition]"
+        )
     blend = raw.get("blend_chunks", 2)
     if not isinstance(blend, int) or isinstance(blend, bool) or blend < 1:
         raise ConfigError(f"{where}.blend_chunks must be an integer >= 1, got {blend!r} [field=blend_chunks]")

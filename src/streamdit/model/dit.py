@@ -1,0 +1,384 @@
+"""The causal Wan2.1-style video DiT (the generator) for chunk-by-chunk generation.
+
+Owns: the network of model.md ("Generator block"), with module names identical to Wan2.1 /
+Self-Forcing so their safetensors load with an identity key map, its seeded initialization, and
+one generator call: write the chunk's K/V into the KV cache, attend over [cache window || chunk]
+(block-causal), cross-attend to the text through the cross-attention cache.
+
+Tensor-parallel readiness (sharding is applied from outside, gpt-fast style): local head counts
+are read from weight shapes at forward time (`q.weight.shape[0] // head_dim`), and the full-dim
+RMSNorm reduces its sum of squares through a replaceable `reduce_sum_of_squares` attribute, so a
+TP pass only slices weights, sets that attribute and hooks row-parallel Linear outputs.
+Numerics follow Wan: the residual stream, norms and modulation are float32; Linear layers run in
+the parameter dtype. Model code never picks a device; devices come from the constructor/inputs.
+Imports torch and streamdit.errors / streamdit.model only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from streamdit.errors import ConfigError
+from streamdit.model.attention import kernel_for, sdpa
+from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache
+from streamdit.model.presets import DiTConfig
+from streamdit.model.rope import apply_rope, rope_angles
+
+Tensor = torch.Tensor
+Rope = tuple[Tensor, Tensor]
+_Factory = dict[str, Any]  # {"device": ..., "dtype": ...} for every parameter
+
+
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
+    """Run `layer` in its parameter dtype (the residual stream is float32)."""
+    return layer(x.to(layer.weight.dtype))
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the WHOLE model dim, computed from a possibly head-sharded slice.
+
+    The float32 sum of squares of the local slice goes through `reduce_sum_of_squares`
+    (identity on one device; TP sets an all-reduce over the TP group) and is divided by the
+    stored `full_dim`, so sharding only slices `weight` and sets the reduction.
+    """
+
+    def __init__(self, full_dim: int, eps: float, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.full_dim = full_dim
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(full_dim, device=device, dtype=dtype))
+        self.reduce_sum_of_squares: Callable[[Tensor], Tensor] = _identity
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        sum_sq = self.reduce_sum_of_squares(xf.pow(2).sum(dim=-1, keepdim=True))
+        return (xf * torch.rsqrt(sum_sq / self.full_dim + self.eps)).to(x.dtype) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (returns float32), optionally with an affine."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+
+
+def sinusoidal_embedding(dim: int, timestep: Tensor) -> Tensor:
+    """Wan's `[cos | sin]` timestep embedding `[B, dim]` float32 (float64 inside, like Wan)."""
+    half = dim // 2
+    exponent = torch.arange(half, dtype=torch.float64, device=timestep.device) / half
+    args = torch.outer(timestep.to(torch.float64), 10000.0**-exponent)
+    return torch.cat([args.cos(), args.sin()], dim=1).to(torch.float32)
+
+
+def kv_bias_mask(
+    slots: ChunkSlots, kv_bias: float, *, dtype: torch.dtype, device: torch.device
+) -> Tensor | None:
+    """Additive `[1, 1, 1, keys]` mask scaling cached keys' attention weight by `kv_bias`.
+
+    Cached keys (`[:write_start]`, earlier chunks) get `log(kv_bias)`; the chunk's own keys 0.
+    Returns None when it would be a no-op (kv_bias == 1 or nothing cached), so flash can run.
+    """
+    if kv_bias == 1.0 or slots.write_start == 0:
+        return None
+    mask = torch.zeros(slots.write_end, dtype=dtype, device=device)
+    mask[: slots.write_start] = math.log(kv_bias)
+    return mask.view(1, 1, 1, slots.write_end)
+
+
+class _Attention(nn.Module):
+    """q/k/v/o projections with full-dim RMSNorm on q and k (Wan naming)."""
+
+    def __init__(self, cfg: DiTConfig, layer_idx: int, attn_backend: str, fk: _Factory) -> None:
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.layer_idx = layer_idx
+        self.attn_backend = attn_backend
+        self.q = nn.Linear(cfg.dim, cfg.dim, **fk)
+        self.k = nn.Linear(cfg.dim, cfg.dim, **fk)
+        self.v = nn.Linear(cfg.dim, cfg.dim, **fk)
+        self.o = nn.Linear(cfg.dim, cfg.dim, **fk)
+        self.norm_q = WanRMSNorm(cfg.dim, cfg.eps, **fk)
+        self.norm_k = WanRMSNorm(cfg.dim, cfg.eps, **fk)
+
+    def local_heads(self) -> int:
+        """Heads held by this rank, from the (possibly sharded) q weight."""
+        return self.q.weight.shape[0] // self.head_dim
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """`[B, L, h, d]` q against `[B, Lk, h, d]` k/v, then the O projection."""
+        b, length, heads, _ = q.shape
+        out = sdpa(
+            q.transpose(1, 2),
+            k.to(q.dtype).transpose(1, 2),
+            v.to(q.dtype).transpose(1, 2),
+            backend=self.attn_backend,
+            attn_mask=mask,
+        )
+        return self.o(out.transpose(1, 2).reshape(b, length, heads * self.head_dim))
+
+
+class WanSelfAttention(_Attention):
+    def forward(
+        self, x: Tensor, rope: Rope, kv_cache: KVCache, slots: ChunkSlots, mask: Tensor | None
+    ) -> Tensor:
+        b, length, _ = x.shape
+        shape = (b, length, self.local_heads(), self.head_dim)
+        x = x.to(self.q.weight.dtype)
+        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)
+        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
+        k_all, v_all = kv_cache.update(self.layer_idx, k, self.v(x).view(shape), slots)
+        return self._attend(q, k_all, v_all, mask)
+
+
+class WanCrossAttention(_Attention):
+    def forward(self, x: Tensor, text: Tensor | None, cross_cache: CrossAttnCache) -> Tensor:
+        b, length, _ = x.shape
+        heads = self.local_heads()
+        q = self.norm_q(_linear(self.q, x)).view(b, length, heads, self.head_dim)
+        cached = cross_cache.lookup(self.layer_idx)
+        if cached is None:
+            if text is None:
+                raise ConfigError(
+                    f"cross_cache: layer {self.layer_idx} has no text K/V but the text path was "
+                    "skipped (cache partly filled by an interrupted call; reset it)"
+                )
+            shape = (text.shape[0], text.shape[1], heads, self.head_dim)
+            k = self.norm_k(_linear(self.k, text)).view(shape)
+            cached = (k, _linear(self.v, text).view(shape))
+            cross_cache.store(self.layer_idx, *cached)
+        return self._attend(q, cached[0], cached[1], None)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig, layer_idx: int, attn_backend: str, fk: _Factory) -> None:
+        super().__init__()
+        self.norm1 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=False, **fk)
+        self.self_attn = WanSelfAttention(cfg, layer_idx, attn_backend, fk)
+        self.norm3 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=True, **fk)
+        self.cross_attn = WanCrossAttention(cfg, layer_idx, attn_backend, fk)
+        self.norm2 = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=False, **fk)
+        self.ffn = nn.Sequential(
+            nn.Linear(cfg.dim, cfg.ffn_dim, **fk),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(cfg.ffn_dim, cfg.dim, **fk),
+        )
+        self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim, **fk))
+
+    def forward(
+        self,
+        x: Tensor,
+        e0: Tensor,
+        rope: Rope,
+        text: Tensor | None,
+        *,
+        kv_cache: KVCache,
+        cross_cache: CrossAttnCache,
+        slots: ChunkSlots,
+        mask: Tensor | None,
+    ) -> Tensor:
+        # Wan's order: shift, scale, gate for self-attn, then for the FFN; each [B, 1, dim].
+        mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
+        y = self.self_attn(self.norm1(x) * (1 + mod[1]) + mod[0], rope, kv_cache, slots, mask)
+        x = x + y.float() * mod[2]
+        x = x + self.cross_attn(self.norm3(x), text, cross_cache).float()
+        y = _linear_seq(self.ffn, self.norm2(x) * (1 + mod[4]) + mod[3])
+        return x + y.float() * mod[5]
+
+
+def _linear_seq(seq: nn.Sequential, x: Tensor) -> Tensor:
+    return seq(x.to(seq[0].weight.dtype))
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: DiTConfig, fk: _Factory) -> None:
+        super().__init__()
+        self.norm = WanLayerNorm(cfg.dim, cfg.eps, elementwise_affine=False, **fk)
+        out = cfg.out_channels * math.prod(cfg.patch_size)
+        self.head = nn.Linear(cfg.dim, out, **fk)
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim, **fk))
+
+    def forward(self, x: Tensor, e: Tensor) -> Tensor:
+        shift, scale = (self.modulation.float() + e.unsqueeze(1)).unsqueeze(2).unbind(1)
+        return _linear(self.head, self.norm(x) * (1 + scale) + shift)
+
+
+class CausalWanDiT(nn.Module):
+    """Causal Wan2.1-style DiT; one `forward` = one generator call on one latent chunk."""
+
+    def __init__(
+        self,
+        cfg: DiTConfig,
+        device: torch.device | str,
+        dtype: torch.dtype = torch.float32,
+        attn_backend: str = "math",
+    ) -> None:
+        super().__init__()
+        kernel_for(attn_backend, has_mask=False)  # rejects unresolved names such as "auto"
+        fk = {"device": torch.device(device), "dtype": dtype}
+        d = cfg.dim
+        self.cfg = cfg
+        self.attn_backend = attn_backend
+        self.patch_embedding = nn.Conv3d(
+            cfg.in_channels, d, kernel_size=cfg.patch_size, stride=cfg.patch_size, **fk
+        )
+        self.text_embedding = nn.Sequential(
+            nn.Linear(cfg.text_dim, d, **fk), nn.GELU(approximate="tanh"), nn.Linear(d, d, **fk)
+        )
+        self.time_embedding = nn.Sequential(
+            nn.Linear(cfg.freq_dim, d, **fk), nn.SiLU(), nn.Linear(d, d, **fk)
+        )
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d, **fk))
+        self.blocks = nn.ModuleList(
+            WanAttentionBlock(cfg, i, attn_backend, fk) for i in range(cfg.num_layers)
+        )
+        self.head = WanHead(cfg, fk)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init on the parameters' device: same seed -> bit-identical weights.
+
+        Linear/conv weights ~ N(0, 0.02), biases 0, norm weights 1, modulation tables
+        ~ N(0, 1/dim) (Wan's scale). Nothing is zero-initialized that would make outputs trivial.
+        """
+        gen = torch.Generator(device=self.patch_embedding.weight.device).manual_seed(seed)
+        for name, param in self.named_parameters():  # registration order: deterministic
+            if name.endswith("modulation"):
+                param.normal_(0.0, self.cfg.dim**-0.5, generator=gen)
+            elif param.dim() >= 2:
+                param.normal_(0.0, 0.02, generator=gen)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.fill_(1.0)
+
+    def forward(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        *,
+        kv_cache: KVCache,
+        cross_cache: CrossAttnCache,
+        start_frame: int,
+        kv_bias: float = 1.0,
+    ) -> Tensor:
+        """Flow prediction for latent chunk `x` `[B, F, C, H, W]` at frames `start_frame + i`.
+
+        `timestep` `[B]` in [0, 1000]; `context` raw text embeddings `[B, L, text_dim]` (read
+        only when the cross cache is empty). Writes the chunk's K/V into `kv_cache` (overwriting
+        the slot if this chunk is already there), then attends over every cached key.
+        `kv_bias` in (0, 1] multiplies the attention weight of keys from earlier chunks.
+        """
+        grid = self._check_inputs(x, timestep, context, kv_cache, cross_cache, kv_bias)
+        slots = kv_cache.begin_chunk(start_frame, grid[0])
+        positions = torch.arange(grid[0], device=x.device) + start_frame
+        rope = rope_angles(self.cfg.head_dim, positions, grid[1], grid[2])
+        dtype = self.patch_embedding.weight.dtype
+        mask = kv_bias_mask(slots, kv_bias, dtype=dtype, device=x.device)
+        return self.forward_chunk(
+            x,
+            timestep,
+            context,
+            rope,
+            mask,
+            kv_cache=kv_cache,
+            cross_cache=cross_cache,
+            slots=slots,
+        )
+
+    def forward_chunk(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        rope: Rope,
+        mask: Tensor | None,
+        *,
+        kv_cache: KVCache,
+        cross_cache: CrossAttnCache,
+        slots: ChunkSlots,
+    ) -> Tensor:
+        """The tensor math of one call, after `forward` did the cache bookkeeping: compile this.
+
+        Everything that depends on the absolute frame index (slot choice, eviction shift, RoPE
+        angles, KV-bias mask) was done by `forward`, so the only Python ints seen here are the
+        slot bounds, which are the same on every call once the window is full. Wrap it as
+        `model.forward_chunk = torch.compile(model.forward_chunk, ...)`; `forward` then calls
+        the compiled version.
+        """
+        dtype = self.patch_embedding.weight.dtype
+        tokens = self.patch_embedding(x.transpose(1, 2).to(dtype)).flatten(2).transpose(1, 2)
+        e = _linear_seq(self.time_embedding, sinusoidal_embedding(self.cfg.freq_dim, timestep))
+        e = e.float()
+        e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.cfg.dim))
+        text = None if cross_cache.filled else _linear_seq(self.text_embedding, context)
+        h = tokens.float()
+        for block in self.blocks:
+            h = block(
+                h,
+                e0,
+                rope,
+                text,
+                kv_cache=kv_cache,
+                cross_cache=cross_cache,
+                slots=slots,
+                mask=mask,
+            )
+        _, ph, pw = self.cfg.patch_size
+        grid = (x.shape[1], x.shape[3] // ph, x.shape[4] // pw)
+        return self._unpatchify(self.head(h, e), grid).to(x.dtype)
+
+    def _check_inputs(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        kv_cache: KVCache,
+        cross_cache: CrossAttnCache,
+        kv_bias: float,
+    ) -> tuple[int, int, int]:
+        """Validate before touching any cache; return the token grid (frames, rows, cols)."""
+        cfg = self.cfg
+        _, ph, pw = cfg.patch_size
+        if x.dim() != 5 or x.shape[2] != cfg.in_channels or x.shape[3] % ph or x.shape[4] % pw:
+            raise ConfigError(
+                f"latents: need [B, F, {cfg.in_channels}, H, W] with H % {ph} == W % {pw} == 0, "
+                f"got {tuple(x.shape)}"
+            )
+        b, frames, _, height, width = x.shape
+        if tuple(timestep.shape) != (b,):
+            raise ConfigError(f"timestep: need shape [{b}], got {tuple(timestep.shape)}")
+        if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.text_dim:
+            raise ConfigError(f"conditioning: need [{b}, L, {cfg.text_dim}], got {tuple(context.shape)}")
+        if not 0.0 < kv_bias <= 1.0:
+            raise ConfigError(f"kv_cache_attention_bias: must be in (0, 1], got {kv_bias}")
+        grid = (frames, height // ph, width // pw)
+        if kv_cache.tokens_per_frame != grid[1] * grid[2] or kv_cache.num_layers != len(self.blocks):
+            raise ConfigError(
+                f"kv_cache: built for {kv_cache.num_layers} layers x {kv_cache.tokens_per_frame} "
+                f"tokens/frame, model has {len(self.blocks)} x {grid[1] * grid[2]}"
+            )
+        if cross_cache.num_layers != len(self.blocks):
+            raise ConfigError(f"cross_cache: {cross_cache.num_layers} layers != {len(self.blocks)}")
+        return grid
+
+    def _unpatchify(self, out: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        """`[B, L, pt*ph*pw*C]` (Wan's (p, q, r, c) order) -> `[B, F, C, H, W]`."""
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        c = self.cfg.out_channels
+        out = out.view(out.shape[0], f, h, w, pt, ph, pw, c)
+        out = out.permute(0, 1, 4, 7, 2, 5, 3, 6)  # b, f, pt, c, h, ph, w, pw
+        return out.reshape(out.shape[0], f * pt, c, h * ph, w * pw)
