@@ -32,19 +32,52 @@ from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import dit_flops_per_call, get_dit_config
 
 
-def time_cuda(fn, iters: int, warmup: int) -> list[float]:
+def time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
+    """Per-call ms: CUDA events on a GPU (device time), perf_counter on the CPU."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    sync(device)
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+def profile_kernels(fn, device: torch.device, calls: int = 3, top: int = 15) -> list[dict]:
+    """Device time per call of the heaviest kernels (where the gap to peak goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            fn()
+        sync(device)
+    rows = []
+    for evt in prof.key_averages():
+        dev_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append(
+                {"name": evt.key[:120], "ms_per_call": dev_us / 1e3 / calls, "count": evt.count // calls}
+            )
+    rows.sort(key=lambda r: -r["ms_per_call"])
+    for r in rows[:top]:
+        print(f"  {r['ms_per_call']:8.2f} ms  x{r['count']:<4d} {r['name']}", flush=True)
+    return rows[:top]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> dict:
@@ -64,7 +97,7 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
         i[0] += 1
         torch.mm(a, b)
 
-    ms = time_cuda(mm, iters, 5)
+    ms = time_ms(mm, iters, 5, device)
     flops = 2 * n**3
     return {
         "n": n,
@@ -77,13 +110,13 @@ def build(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[CausalWanDiT, KVCache, CrossAttnCache, dict]:
     cfg = get_dit_config(args.preset)
-    dtype = torch.bfloat16
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backend = resolve_attention_backend(args.attn_backend, device, dtype)
     t0 = time.perf_counter()
     model = CausalWanDiT(cfg, device=device, dtype=dtype, attn_backend=backend)
     model.init_weights(args.seed)
     model.eval()
-    torch.cuda.synchronize()
+    sync(device)
     tpf = (args.height // 16) * (args.width // 16)
     kv = KVCache(
         num_layers=cfg.num_layers,
@@ -111,9 +144,10 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
     cfg = model.cfg
     h, w, f = args.height // 8, args.width // 8, args.frames
     gen = torch.Generator(device=device).manual_seed(1)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
-    ctx = torch.randn(1, f, 16, h, w, device=device, dtype=torch.bfloat16, generator=gen)
-    x = torch.randn(1, f, 16, h, w, device=device, dtype=torch.bfloat16, generator=gen)
+    dt = model.patch_embedding.weight.dtype
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dt, generator=gen)
+    ctx = torch.randn(1, f, 16, h, w, device=device, dtype=dt, generator=gen)
+    x = torch.randn(1, f, 16, h, w, device=device, dtype=dt, generator=gen)
     t = torch.full((1,), 750.0, device=device)
     kv.reset()
     cross.reset()
@@ -133,9 +167,10 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
         model(x, t, text, kv_cache=kv, cross_cache=cross, start_frame=2 * f, kv_bias=1.0)
 
     call()
-    torch.cuda.synchronize()
+    sync(device)
     first_s = time.perf_counter() - t0
-    ms = time_cuda(call, args.iters, args.warmup)
+    ms = time_ms(call, args.iters, args.warmup, device)
+    top = profile_kernels(call, device) if args.profile else []
     tokens = f * (args.height // 16) * (args.width // 16)
     flops = dit_flops_per_call(cfg, tokens=tokens, cached_tokens=tokens, text_len=cfg.text_len)
     med = statistics.median(ms)
@@ -149,7 +184,8 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
         "tflops_achieved": flops / (med / 1e3) / 1e12,
         "tokens": tokens,
         "keys": 2 * tokens,
-        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "top_kernels_ms_per_call": top,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
 
@@ -164,17 +200,19 @@ def main() -> int:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--profile", action="store_true", help="print the heaviest kernels per call")
+    p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    device = torch.device("cuda", 0)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    peak = matmul_peak_tflops(device)
+    device = torch.device(args.device)
+    peak = matmul_peak_tflops(device, n=args.matmul_n)
     model, kv, cross, info = build(args, device)
     results = []
     for variant in args.variants.split(","):
         if variant == "compile":
-            for block in model.blocks:
-                block.compile(fullgraph=False)
+            # forward does the cache bookkeeping eagerly; forward_chunk is pure tensor math
+            model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
         res = bench_variant(model, kv, cross, args, device, compiled=variant == "compile")
         res["variant"] = variant
         res["fraction_of_peak"] = res["tflops_achieved"] / peak["tflops"]
@@ -183,11 +221,11 @@ def main() -> int:
     out = {
         "bench": "generator_forward",
         "command": shlex.join([sys.executable, *sys.argv]),
-        "device_name": torch.cuda.get_device_name(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "preset": args.preset,
         "geometry": [args.height, args.width],
-        "dtype": "bfloat16",
+        "dtype": str(model.patch_embedding.weight.dtype),
         "matmul_peak": peak,
         "model": info,
         "results": results,

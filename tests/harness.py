@@ -17,8 +17,21 @@ returns one `RankOutcome` per rank. Design (after PyTorch's MultiProcessTestCase
   (e.g. a flight record dumped to `ctx.flight_path`) to bound "the peer exited within N s of the
   fault".
 
+Unlike MultiProcessTestCase, the parent does *not* stop the other ranks when one fails: break-it
+tests assert that peers exit on their own (terminal message, typed error or timeout), so only the
+wall-clock limit ends a rank from outside, and that is reported as `timed_out`.
+
 Rank functions live at module level of a test module (spawn imports them by name) and take
-`(ctx: RankContext, *args)`. Call `init_gloo(ctx)` to join the world group.
+`(ctx: RankContext, *args)`; they return JSON-able values. Call `init_gloo(ctx)` to join the world
+group (FileStore rendezvous at `ctx.init_file`, timeout `ctx.pg_timeout_s`). Example::
+
+    def rank_fn(ctx: RankContext) -> dict:
+        world = init_gloo(ctx)
+        ...
+        return {"headers": n}
+
+    outs = run_ranks(rank_fn, 2, timeout_s=60)
+    assert outs[1].exc_type == "TransportError" and not outs[1].timed_out
 """
 
 from __future__ import annotations

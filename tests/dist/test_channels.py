@@ -11,7 +11,6 @@ peer's own record, not inferred.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -35,14 +34,6 @@ pytestmark = [pytest.mark.timeout(90)]
 def _channel(kind: str, group: Any, other: int, rec: FlightRecorder, **kw: Any) -> Any:
     cls = BroadcastChannel if kind == "broadcast" else P2PChannel
     return cls(group, other, role=f"r{group.rank()}", group_name="world", observer=rec, **kw)
-
-
-def _dump_then_exit(rec: FlightRecorder, ctx: RankContext) -> Any:
-    def exit_fn(code: int) -> None:
-        rec.dump(ctx.flight_path)  # what the runtime does on poison: flight record, then exit
-        os._exit(code)
-
-    return exit_fn
 
 
 def _headers(o: RankOutcome) -> list[dict]:
@@ -191,7 +182,7 @@ def rank_forced_plan(ctx: RankContext) -> dict:
     rec = FlightRecorder()
     if ctx.rank == 0:
         faults = ChannelFaults(skip_sender_validation=True)
-        ch = _channel("broadcast", world, 0, rec, faults=faults, exit_fn=_dump_then_exit(rec, ctx))
+        ch = _channel("broadcast", world, 0, rec, faults=faults, exit_fn=rec.exit_after_dump(ctx.flight_path))
         ch.send(tp_infer(call_id=9, chunk_index=4, expected_generator_calls=4))
         rec.dump(ctx.flight_path)
         return {"sent": True}
@@ -225,7 +216,9 @@ def rank_poison(ctx: RankContext, transport: str) -> dict:
     other = 1 - ctx.rank if transport == "p2p" else 0
     if ctx.rank == 0:
         faults = ChannelFaults(raise_at="after_header")
-        ch = _channel(transport, world, other, rec, faults=faults, exit_fn=_dump_then_exit(rec, ctx))
+        ch = _channel(
+            transport, world, other, rec, faults=faults, exit_fn=rec.exit_after_dump(ctx.flight_path)
+        )
         ch.send(tp_infer(call_id=11, chunk_index=6, cache_epoch=3))
         return {"unexpected": "send returned"}
     ch = _channel(transport, world, other, rec)

@@ -203,3 +203,16 @@ def test_flight_recorder_dump(tmp_path: Path) -> None:
     data = json.loads(path.read_text())
     assert data["counts"] == {"header_sent": 5} and len(data["events"]) == 3
     assert [e["t_mono"] for e in data["events"]] == [2.0, 3.0, 4.0]
+
+
+def test_poison_exit_writes_the_flight_record_then_exits(tmp_path: Path) -> None:
+    rec, codes = FlightRecorder(label="rank0"), []
+    exit_fn = rec.exit_after_dump(tmp_path / "f.json", exit_fn=codes.append)
+    tx = Loop(
+        0, collections.deque(), observer=rec, exit_fn=exit_fn, faults=ChannelFaults(raise_at="after_meta")
+    )
+    with pytest.raises(Poisoned):
+        tx.send(tp_infer())
+    assert codes == [EXIT_POISONED]
+    events = json.loads((tmp_path / "f.json").read_text())["events"]
+    assert [e["name"] for e in events][-1] == "poisoned" and events[-1]["call_id"] == 5

@@ -214,3 +214,47 @@ def test_signal_mid_stream_drains_to_a_valid_video(tmp_path: Path, sig: signal.S
     rows = _metrics(metrics)
     assert 2 <= len(rows) < 50
     assert count_mp4_frames(out) == sum(r["frames"] for r in rows)
+
+
+def _tiny_dit_checkpoint(path: Path, *, drop: str | None = None, reshape: str | None = None) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from streamdit.model.dit import CausalWanDiT
+    from streamdit.model.presets import get_dit_config
+
+    model = CausalWanDiT(get_dit_config("tiny"), device="cpu")
+    model.init_weights(0)
+    state = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items() if k != drop}
+    if reshape:
+        state[f"model.{reshape}"] = torch.zeros(3, 3)
+    save_file(state, str(path))
+
+
+def test_checkpoint_loads_with_self_forcing_prefix(tmp_path: Path) -> None:
+    ckpt = tmp_path / "dit.safetensors"
+    _tiny_dit_checkpoint(ckpt)
+    # same weights as seed 0's init → the loaded run must be bit-identical to the seeded one
+    rc1, out1, _ = _run(tmp_path, "seeded", "--seed", "0", chunks=2)
+    rc2, out2, _ = _run(tmp_path, "loaded", "--seed", "0", "--checkpoint", str(ckpt), chunks=2)
+    assert rc1 == rc2 == 0
+    assert np.array_equal(np.load(out1), np.load(out2))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"drop": "blocks.1.ffn.2.weight"}, "blocks.1.ffn.2.weight"),
+        ({"reshape": "blocks.0.self_attn.q.weight"}, "blocks.0.self_attn.q.weight"),
+    ],
+)
+def test_bad_checkpoint_exits_2_naming_file_and_key(
+    tmp_path: Path, capsys, kwargs: dict, needle: str
+) -> None:
+    ckpt = tmp_path / "bad.safetensors"
+    _tiny_dit_checkpoint(ckpt, **kwargs)
+    out = tmp_path / "o.npy"
+    assert main(["run", "--checkpoint", str(ckpt), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "bad.safetensors" in err
+    assert not out.exists()

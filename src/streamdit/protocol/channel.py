@@ -59,7 +59,7 @@ import torch
 import torch.distributed as dist
 
 from streamdit.errors import EXIT_POISONED, Poisoned, ProtocolError
-from streamdit.protocol.codec import Limits, decode_meta
+from streamdit.protocol.codec import Limits, decode_meta, tensor_to_bytes
 from streamdit.protocol.errors import (
     ChannelBroken,
     HeaderError,
@@ -223,7 +223,7 @@ class _Channel:
             self._transfer_in(buf, header, "meta")
             try:
                 meta = decode_meta(
-                    _to_bytes(buf), cls.SCHEMA, self.limits, n_tensors=header.n_tensors, ctx=ctx
+                    tensor_to_bytes(buf), cls.SCHEMA, self.limits, n_tensors=header.n_tensors, ctx=ctx
                 )
                 cls.check_payload(header.action, meta.fields, {s.name: s for s in meta.specs}, ctx)
             except ProtocolError as exc:
@@ -375,7 +375,3 @@ class P2PChannel(_Channel):
 def _bytes_view(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bytes as uint8 (same storage): transports then never depend on dtype support."""
     return t.reshape(-1).view(torch.uint8)
-
-
-def _to_bytes(buf: torch.Tensor) -> bytes:
-    return bytes(buf.cpu().untyped_storage())

@@ -14,6 +14,7 @@ Must not import anything but torch and streamdit.errors / streamdit.protocol.err
 
 from __future__ import annotations
 
+import ctypes
 import enum
 import json
 import math
@@ -212,6 +213,19 @@ def check_dtype(spec: TensorSpec, ctx: ErrCtx = _NO_CTX) -> None:
     if spec.dtype not in DTYPES:
         why = f"dtype {spec.dtype} is not allowed (allowed: {sorted(DTYPES)})"
         raise DtypeError(why, field=spec.name, **ctx)
+
+
+def bytes_to_tensor(data: bytes, device: torch.device) -> torch.Tensor:
+    """Meta bytes as a uint8 tensor on `device` (the wire form of the meta part)."""
+    # bytearray: torch.frombuffer wants a writable buffer; the copy is a few hundred bytes.
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+
+
+def tensor_to_bytes(buf: torch.Tensor) -> bytes:
+    """A received uint8 buffer as bytes: one memcpy (no numpy, no per-element Python loop)."""
+    host = buf.detach().cpu().contiguous()
+    nbytes = host.numel() * host.element_size()
+    return ctypes.string_at(host.data_ptr(), nbytes) if nbytes else b""
 
 
 def _parse(data: bytes, ctx: ErrCtx) -> object:

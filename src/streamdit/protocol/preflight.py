@@ -18,9 +18,15 @@ from dataclasses import dataclass
 
 import torch
 
-from streamdit.protocol.codec import Limits, TensorSpec, check_specs, encode_meta
+from streamdit.protocol.codec import (
+    Limits,
+    TensorSpec,
+    bytes_to_tensor,
+    check_specs,
+    encode_meta,
+)
 from streamdit.protocol.errors import EnvelopeError, LimitError
-from streamdit.protocol.header import Action, Header, IdTracker
+from streamdit.protocol.header import Action, Header, IdTracker, check_ids
 from streamdit.protocol.messages import MESSAGE_TYPES, Message, require_dense
 
 
@@ -63,6 +69,9 @@ def prepare(
     if type(msg) not in MESSAGE_TYPES.values():
         raise EnvelopeError(f"{type(msg).__name__} is not a protocol message", field="message", group=group)
     ctx = msg.ids.ctx(group)
+    if not isinstance(msg.action, Action):  # framing checks are never skipped, even by the hook
+        raise EnvelopeError(f"action {msg.action!r} is not an Action", field="action", **ctx)
+    check_ids(msg.action, msg.ids, group)
     if not skip_validation:
         msg.validate(group)  # step 1
     if tracker is not None:
@@ -81,7 +90,7 @@ def prepare(
     )
     header.check(limits, group)
     tensors = tuple(t.to(device=device).contiguous() for t in named.values())  # type: ignore[union-attr]  # step 5
-    meta_tensor = _bytes_tensor(meta, device) if meta else None
+    meta_tensor = bytes_to_tensor(meta, device) if meta else None
     return Prepared(
         message=msg,
         header=header,
@@ -91,8 +100,3 @@ def prepare(
         specs=specs,
         tensors=tensors,
     )
-
-
-def _bytes_tensor(data: bytes, device: torch.device) -> torch.Tensor:
-    # bytearray: torch.frombuffer needs a writable buffer to avoid a warning; the copy is tiny.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)

@@ -10,13 +10,16 @@ May import protocol; must not be imported by protocol.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class _Event(Protocol):
@@ -63,6 +66,21 @@ class FlightRecorder:
                 "counts": dict(self._counts),
                 "events": [dict(e) for e in self._ring],
             }
+
+    def exit_after_dump(
+        self, path: str | os.PathLike[str], exit_fn: Callable[[int], object] = os._exit
+    ) -> Callable[[int], None]:
+        """An `exit_fn` for channels: write the flight record, then exit with the poison code."""
+
+        def _exit(code: int) -> None:
+            try:
+                self.dump(path)
+            except Exception:  # the exit must happen even if the disk is full
+                log.exception("flight record dump to %s failed", path)
+            finally:
+                exit_fn(code)
+
+        return _exit
 
     def dump(self, path: str | os.PathLike[str]) -> Path:
         """Write the ring as JSON (atomically: a reader never sees half a file)."""
