@@ -163,8 +163,8 @@ def test_chunked_causality() -> None:
     t = torch.tensor([500.0])
     with torch.no_grad():
         model(xs[0], t, ctx, kv_cache=kv, cross_cache=cc, start_frame=0)
-        kv.k[:, :, 6 * TPF :].normal_()
-        kv.v[:, :, 6 * TPF :].normal_()
+        for buf in (*kv.k, *kv.v):
+            buf[:, 6 * TPF :].normal_()
         out1 = model(xs[1], t, ctx, kv_cache=kv, cross_cache=cc, start_frame=FRAMES)
     assert torch.equal(out1, base[1])
     # Outputs of chunks 0..k are the same whatever comes after them.

@@ -109,7 +109,7 @@ def test_update_returns_prefix_views_of_storage() -> None:
     k, v = _frame_kv(3, 3, 0)
     k_all, v_all = cache.update(0, k, v, slots)
     assert k_all.shape == (1, 6 * TPF, HEADS, HEAD_DIM)
-    assert k_all.data_ptr() == cache.k.data_ptr()  # a view, not a copy
+    assert k_all.data_ptr() == cache.k[0].data_ptr()  # a view, not a copy
     assert torch.equal(k_all[:, 3 * TPF :], k) and torch.equal(v_all[:, 3 * TPF :], v)
 
 
@@ -122,7 +122,7 @@ def test_reset_clears_contents_validity_and_positions() -> None:
     assert cache.num_valid_frames == 0 and cache.valid_tokens == 0
     assert cache.current_start_frame == -1 and cache.write_pos == 0
     assert cache.next_frame is None
-    assert not cache.k.any() and not cache.v.any()
+    assert not any(t.any() for t in (*cache.k, *cache.v))
     # Positions reset: any start frame is accepted again, including an earlier one.
     assert _write(cache, 0).write_start == 0
 
@@ -140,7 +140,8 @@ def test_recompute_rebuild_equals_fresh_build() -> None:
         _write(cache, 15)  # then the chunk itself appends
     for attr in ("slot_frames", "num_valid_frames", "current_start_frame", "write_pos"):
         assert getattr(used, attr) == getattr(fresh, attr), attr
-    assert torch.equal(used.k, fresh.k) and torch.equal(used.v, fresh.v)
+    assert torch.equal(torch.stack(used.k), torch.stack(fresh.k))
+    assert torch.equal(torch.stack(used.v), torch.stack(fresh.v))
 
 
 @pytest.mark.parametrize(
@@ -159,11 +160,11 @@ def test_bad_frame_indices_raise_and_leave_state_alone(start: int, n: int, why: 
     _write(cache, 0)
     _write(cache, 3)
     before = (list(cache.slot_frames), cache.num_valid_frames, cache.current_start_frame)
-    k_before = cache.k.clone()
+    k_before = torch.stack(cache.k)
     with pytest.raises(PlanError, match="current_start_frame"):
         cache.begin_chunk(start, n)
     assert (list(cache.slot_frames), cache.num_valid_frames, cache.current_start_frame) == before
-    assert torch.equal(cache.k, k_before), why
+    assert torch.equal(torch.stack(cache.k), k_before), why
 
 
 def test_chunk_larger_than_evictable_window_raises() -> None:
@@ -190,7 +191,7 @@ def test_update_detaches_so_the_cache_never_joins_an_autograd_graph() -> None:
     slots = cache.begin_chunk(0, 3)
     k = torch.ones(1, 3 * TPF, HEADS, HEAD_DIM, requires_grad=True)
     cache.update(0, k * 2, k * 3, slots)
-    assert not cache.k.requires_grad and not cache.v.requires_grad
+    assert not any(t.requires_grad for t in (*cache.k, *cache.v))
 
 
 @pytest.mark.parametrize(

@@ -33,8 +33,10 @@ class ChunkSlots:
 class KVCache:
     """Rolling window of `capacity_frames` latent frames per layer, first `sink_frames` pinned.
 
-    Storage: `k`, `v` of shape `[num_layers, batch, capacity_frames*tokens_per_frame, heads,
-    head_dim]`, allocated once. Frames are kept in chronological order, so the keys a chunk
+    Storage: `k`, `v`, one tensor per layer of shape `[batch, capacity_frames*tokens_per_frame,
+    heads, head_dim]`, allocated once. Separate per-layer tensors (not one stacked tensor) keep
+    a compiled graph's in-place write to one layer from being functionalized into a copy of
+    every layer's storage. Frames are kept in chronological order, so the keys a chunk
     attends to are always the prefix `[:write_end]` of storage and every slice bound is a Python
     int. Once the window is full those ints are the same on every chunk, so a compiled graph sees
     static shapes. Storage past the valid prefix is always zero.
@@ -96,9 +98,9 @@ class KVCache:
         self.tokens_per_frame = tokens_per_frame
         self.capacity_frames = capacity_frames
         self.sink_frames = sink_frames
-        shape = (num_layers, batch, capacity_frames * tokens_per_frame, heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, capacity_frames * tokens_per_frame, heads, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.slot_frames: list[int] = [-1] * capacity_frames
         self.num_valid_frames = 0
         self.current_start_frame = -1
@@ -121,15 +123,15 @@ class KVCache:
     def layer_kv(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of layer `layer`'s valid K and V, `[batch, valid_tokens, heads, head_dim]`."""
         end = self.valid_tokens
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        return self.k[layer][:, :end], self.v[layer][:, :end]
 
     # ------------------------------------------------------------------ lifecycle
     def reset(self) -> None:
         """Hard cut / init_cache: zero the contents, forget every frame, reset positions."""
         # Only the valid prefix can be non-zero (the invariant above), so zero just that.
         end = self.valid_tokens
-        self.k[:, :, :end].zero_()
-        self.v[:, :, :end].zero_()
+        for buf in (*self.k, *self.v):
+            buf[:, :end].zero_()
         self.slot_frames = [-1] * self.capacity_frames
         self.num_valid_frames = 0
         self.current_start_frame = -1
@@ -174,9 +176,9 @@ class KVCache:
             )
         tpf = self.tokens_per_frame
         dst, src, end = sinks * tpf, (sinks + overflow) * tpf, valid * tpf
-        # Overlapping ranges: copy through a temporary. One copy covers every layer.
-        for buf in (self.k, self.v):
-            buf[:, :, dst : end - (src - dst)] = buf[:, :, src:end].clone()
+        # Overlapping ranges: copy through a temporary.
+        for buf in (*self.k, *self.v):
+            buf[:, dst : end - (src - dst)] = buf[:, src:end].clone()
         kept = self.slot_frames[:sinks] + self.slot_frames[sinks + overflow : valid]
         self.slot_frames = kept + [-1] * (self.capacity_frames - len(kept))
         self.num_valid_frames = len(kept)
@@ -205,9 +207,10 @@ class KVCache:
             )
         # Inference-only storage: detach so a grad-enabled caller cannot chain every chunk's
         # autograd graph through the cache (unbounded memory growth over a stream).
-        self.k[layer, :, slots.write_start : slots.write_end] = k.detach()
-        self.v[layer, :, slots.write_start : slots.write_end] = v.detach()
-        return self.k[layer, :, : slots.write_end], self.v[layer, :, : slots.write_end]
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf[:, slots.write_start : slots.write_end] = k.detach()
+        v_buf[:, slots.write_start : slots.write_end] = v.detach()
+        return k_buf[:, : slots.write_end], v_buf[:, : slots.write_end]
 
 
 class CrossAttnCache:
