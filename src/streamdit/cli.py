@@ -60,6 +60,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
+    p.add_argument("--compile", action="store_true", help="torch.compile the generator (slow first chunk)")
     p.add_argument("--no-kv-recompute", action="store_true", help="keep the last call's K/V instead (R1)")
     p.add_argument("--local-attn-frames", type=int, default=d.local_attn_frames, help="KV window in frames")
     p.add_argument("--sink-frames", type=int, default=d.sink_frames, help="never-evicted first frames")
@@ -105,6 +106,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         device=args.device,
         dtype=args.dtype,
         attn_backend=args.attn_backend,
+        compile=args.compile,
         kv_recompute=not args.no_kv_recompute,
         local_attn_frames=args.local_attn_frames,
         sink_frames=args.sink_frames,

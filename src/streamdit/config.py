@@ -71,6 +71,8 @@ class RunConfig:
     """float32 | bfloat16."""
     attn_backend: str = "auto"
     """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
+    compile: bool = False
+    """torch.compile the generator's tensor math (forward_chunk; cache bookkeeping stays eager)."""
     kv_recompute: bool = True
     """Rebuild the KV cache from clean context frames before each chunk after the first."""
     local_attn_frames: int = 6
@@ -167,6 +169,7 @@ class RunConfig:
             "shift": repr(self.shift),
             "dtype": self.dtype,
             "attn_backend": self.attn_backend,
+            "compile": str(self.compile),
             "kv_recompute": str(self.kv_recompute),
             "local_attn_frames": str(self.local_attn_frames),
             "sink_frames": str(self.sink_frames),

@@ -97,6 +97,10 @@ def build_generator(run: ValidatedRun) -> GeneratorRunner:
     else:
         model.init_weights(cfg.seed)
     model.eval()
+    if cfg.compile:
+        # forward keeps the cache bookkeeping eager; forward_chunk is pure tensor math with
+        # static shapes once the window is full (see CausalWanDiT.forward_chunk).
+        model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
     return GeneratorRunner(
         model,
         scheduler=FlowMatchScheduler(shift=cfg.shift),
