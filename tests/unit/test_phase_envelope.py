@@ -1,0 +1,69 @@
+"""Phase A's output is exactly an envelope: every chunk Stage0 prepares (start, recompute chunks,
+soft and hard transitions) converts to a `TPEnvelopeV1` that passes validation and preflight,
+and converting back gives Phase B the same inputs. This is the seam TP and PP will cut at."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from streamdit.config import RunConfig
+from streamdit.model.scheduler import FlowMatchScheduler
+from streamdit.protocol.codec import Limits
+from streamdit.protocol.header import Action
+from streamdit.protocol.messages import TPEnvelopeV1
+from streamdit.protocol.preflight import prepare
+from streamdit.runtime.build import build_generator, build_stage0_parts, validate_run
+from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs
+from streamdit.runtime.stage0 import Stage0
+
+
+def _envelope(ids, inputs: GeneratorInputs) -> TPEnvelopeV1:
+    payload = {name: getattr(inputs, name) for name in GENERATOR_INPUT_FIELDS}
+    return TPEnvelopeV1(
+        action=Action.INFER,
+        call_id=ids.call_id,
+        chunk_index=ids.chunk_index,
+        cache_epoch=ids.cache_epoch,
+        tp_plan="generator_only",
+        tp_envelope_version=1,
+        **payload,
+    )
+
+
+def test_every_prepared_chunk_is_a_valid_envelope_and_round_trips(tmp_path: Path) -> None:
+    tl = tmp_path / "tl.json"
+    tl.write_text(
+        '{"entries": [{"chunk": 0, "prompt": "a"}, {"chunk": 2, "prompt": "b", "transition": "soft"},'
+        ' {"chunk": 4, "prompt": "c", "transition": "hard"}]}'
+    )
+    cfg = RunConfig(height=32, width=48, chunks=6, timeline=tl)
+    run = validate_run(cfg)
+    runner = build_generator(run)
+    text, vae = build_stage0_parts(run)
+    stage0 = Stage0(
+        cfg,
+        timeline=run.timeline,
+        text_encoder=text,
+        vae=vae,
+        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        device=run.device,
+        dtype=run.dtype,
+    )
+    seen_recompute = seen_bias = seen_cut = False
+    for k in range(cfg.chunks):
+        ids, inputs, _ = stage0.prepare(k)
+        msg = _envelope(ids, inputs)
+        msg.validate()
+        prepared = prepare(msg, Limits(), torch.device("cpu"))
+        assert prepared.header.ids.chunk_index == k
+        back = GeneratorInputs(**msg.payload())
+        for name in GENERATOR_INPUT_FIELDS:
+            a, b = getattr(inputs, name), getattr(back, name)
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b, name
+        seen_recompute |= inputs.do_kv_recompute
+        seen_bias |= inputs.kv_cache_attention_bias < 1.0
+        seen_cut |= inputs.init_cache and k > 0
+        stage0.finish(runner.run(back, ids))
+    assert seen_recompute and seen_bias and seen_cut
