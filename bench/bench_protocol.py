@@ -3,10 +3,12 @@
 Payload: a `wan-14b` 320x576 TP envelope (latents and context frames [1, 3, 16, 40, 72] bf16,
 conditioning_embeds [1, 512, 4096] bf16, denoising_step_list int64 [4]; 4.75 MB in all).
 
-1. `framing` (one process): every CPU step a message takes apart from moving tensor bytes —
-   sender `prepare()` (validate, specs, encode, dtype / limit checks, materialize, header and meta
-   buffers) and receiver `Header.parse`, `decode_meta`, `check_payload`, allocation from specs,
-   rebuild and `validate()`.
+1. `framing` (one process): every step a message takes apart from the transfers themselves —
+   sender `prepare()` (validate, specs, encode, dtype / limit checks, materialize, control frame,
+   packing every tensor into the one payload buffer) and, on the receiver, the control frame's
+   device -> host copy, header checks + inline meta, `decode_meta`, `check_payload`, payload
+   layout + flat buffer allocation, building the tensor views over the payload (here: over the
+   sender's packed buffer, standing in for the received bytes), rebuild and `validate()`.
 2. `transport` (two ranks, the same run): ping-pong round trips. rank0 sends the envelope, rank1
    receives it and answers with a 1-element ack; rank0 times send -> ack. Variants, interleaved
    every iteration so drift hits all alike: `bare` (dist.send/recv of the same 4 tensors, receiver
@@ -46,6 +48,7 @@ import torch.multiprocessing as mp
 
 from streamdit.protocol.channel import BroadcastChannel, P2PChannel
 from streamdit.protocol.codec import Limits, decode_meta, tensor_to_bytes
+from streamdit.protocol.framing import inline_meta, parse_header, payload_layout, unpack_payload
 from streamdit.protocol.header import Action, Header
 from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.protocol.preflight import prepare
@@ -114,27 +117,31 @@ def bench_framing(device: torch.device, iters: int, warmup: int) -> dict[str, An
             stages.clear()
         msg = dataclasses.replace(base, call_id=i, chunk_index=i)
         prep = timed("sender_prepare", prepare, msg, LIMITS, device)
-        head = timed("recv_parse_header", _parse_header, prep.header_tensor)
-        data = timed("recv_meta_to_host", tensor_to_bytes, prep.meta_tensor)
+        assert prep.meta_tensor is None and len(prep.wire) == 2, prep.summary()  # control + payload
+        frame = timed("recv_control_to_host", tensor_to_bytes, prep.control)
+        head, data = timed("recv_parse_header", _parse_control, frame)
         meta = timed("recv_decode_meta", decode_meta, data, schema, LIMITS, n_tensors=head.n_tensors)
         specs = {s.name: s for s in meta.specs}
         ctx = head.ids.ctx()
         timed("recv_check_payload", TPEnvelopeV1.check_payload, head.action, meta.fields, specs, ctx)
-        timed("recv_allocate", _allocate, meta.specs, device)
-        # rebuild with the sender's tensors: no bytes move, only the message is checked again
-        tensors = dict(zip(specs, prep.tensors, strict=True))
+        layout = timed("recv_allocate", _allocate, meta.specs, device)[0]
+        # views over the sender's packed payload: what the receiver holds once the bytes arrived
+        tensors = timed("recv_views", unpack_payload, prep.payload, meta.specs, layout, device)
         rebuilt = timed("recv_rebuild", TPEnvelopeV1.from_wire, head.action, head.ids, meta.fields, tensors)
         timed("recv_validate", rebuilt.validate)
     per_iter = [sum(v[i] for v in stages.values()) for i in range(iters)]
     return {"stages": {k: stats(v) for k, v in stages.items()}, "total": stats(per_iter)}
 
 
-def _parse_header(t: torch.Tensor) -> Header:
-    return Header.parse(t.tolist(), LIMITS)
+def _parse_control(frame: bytes) -> tuple[Header, bytes | None]:
+    head = parse_header(frame, LIMITS)
+    return head, inline_meta(frame, head, LIMITS)
 
 
-def _allocate(specs: Any, device: torch.device) -> list[torch.Tensor]:
-    return [s.allocate(device) for s in specs]
+def _allocate(specs: Any, device: torch.device) -> tuple[Any, torch.Tensor]:
+    """The receiver's allocation: layout from the specs, one flat buffer (views: `recv_views`)."""
+    layout = payload_layout(specs)
+    return layout, torch.empty(layout.nbytes, dtype=torch.uint8, device=device)
 
 
 # ---- 2. transport: channel vs bare, two ranks ---------------------------------------------------
@@ -289,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
             t.numel() * t.element_size() for t in envelope(torch.device("cpu")).tensor_fields().values()
         ),
     }
+    wire = prepare(envelope(torch.device("cpu")), LIMITS, torch.device("cpu")).wire
+    result["wire"] = {"transfers": len(wire), "bytes": [t.numel() for t in wire]}
     if not is_rank or int(os.environ["RANK"]) == 0:
         result["framing"] = bench_framing(device, args.framing_iters, args.warmup)
     if not args.skip_transport:

@@ -22,6 +22,7 @@ from harness import RankContext, RankOutcome, init_gloo, run_ranks
 from streamdit.errors import EXIT_POISONED
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults, P2PChannel
 from streamdit.protocol.codec import Limits, TensorSpec, encode_meta
+from streamdit.protocol.framing import pack_control
 from streamdit.protocol.header import Action, Header, HeaderField, Ids, Kind, checksum
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1, TPEnvelopeV1
 from streamdit.runtime.flight import FlightRecorder
@@ -73,6 +74,9 @@ def _pp_round(i: int) -> tuple[PPEnvelopeV1, PPResultV1]:
     )
 
 
+SEPARATE_META = Limits(inline_meta_bytes=0)  # the p2p legs send every meta as its own transfer
+
+
 def rank_round_trips(ctx: RankContext) -> dict:
     world = init_gloo(ctx)
     mesh = dist.new_group([1, 2])  # every rank calls new_group; rank0 gets a non-member handle
@@ -82,7 +86,7 @@ def rank_round_trips(ctx: RankContext) -> dict:
         bc = _channel("broadcast", world, 0, rec)
         for msg in _script():
             bc.send(msg)
-        p2p = _channel("p2p", world, 1, rec)
+        p2p = _channel("p2p", world, 1, rec, limits=SEPARATE_META)
         for i in range(12):
             env, want = _pp_round(i)
             p2p.send(env)
@@ -96,7 +100,7 @@ def rank_round_trips(ctx: RankContext) -> dict:
             received += 1
         mesh_ch = BroadcastChannel(mesh, 0, role=f"mesh{mesh.rank()}", group_name="mesh", observer=rec)
         if ctx.rank == 1:
-            p2p = _channel("p2p", world, 0, rec)
+            p2p = _channel("p2p", world, 0, rec, limits=SEPARATE_META)
             for i in range(12):
                 env, result = _pp_round(i)
                 assert same(p2p.recv(), env), f"envelope {i} differs"
@@ -236,15 +240,18 @@ def test_throw_after_header_poisons_sender_and_peer_exits(transport: str) -> Non
     poisoned = _first(sender, "poisoned")
     assert poisoned["call_id"] == 11 and "InjectedChannelFault" in poisoned["detail"]
     assert not peer.timed_out and peer.exitcode == 1 and peer.exc_type == "TransportError", peer.summary()
-    assert "field=meta" in peer.message and "call_id=11, chunk_index=6, cache_epoch=3" in peer.message
+    # the peer got the control frame (header + inline meta), allocated, then waited for the payload
+    assert "field=payload" in peer.message and "call_id=11, chunk_index=6, cache_epoch=3" in peer.message
     assert [h["call_id"] for h in _headers(peer)] == [11]
+    assert peer.flight["counts"]["meta_received"] == 1 and "message_received" not in peer.flight["counts"]
     assert peer.exited_at - poisoned["t_mono"] < BOUND_S
 
 
 # ---- receiver rejections: version, action, kind, sizes, monotonicity ----------------------------
 
 
-def _raw_header(**fields: int) -> torch.Tensor:
+def _raw_control(meta: bytes = b"", **fields: int) -> torch.Tensor:
+    """A control frame (default Limits) around a header with `fields` overridden, checksum correct."""
     v = Header(
         kind=Kind.TP_ENVELOPE,
         action=Action.INFER,
@@ -255,13 +262,12 @@ def _raw_header(**fields: int) -> torch.Tensor:
     for name, value in fields.items():
         v[HeaderField[name.upper()]] = value
     v[HeaderField.CHECKSUM] = checksum(v)
-    return torch.tensor(v, dtype=torch.int64)
+    return torch.frombuffer(bytearray(pack_control(v, meta, Limits())), dtype=torch.uint8)
 
 
-def _absurd_meta() -> torch.Tensor:
+def _absurd_meta() -> bytes:
     specs = [TensorSpec("latents", "bfloat16", (1, 3, 16, 2**20, 2**20))]
-    meta = encode_meta({}, specs, TPEnvelopeV1.SCHEMA, Limits())
-    return torch.frombuffer(bytearray(meta), dtype=torch.uint8)
+    return encode_meta({}, specs, TPEnvelopeV1.SCHEMA, Limits())
 
 
 HEADER_CASES = {
@@ -278,15 +284,14 @@ def rank_receiver_rejects(ctx: RankContext) -> dict:
     world = init_gloo(ctx)
     if ctx.rank == 0:
         for over, _, _ in HEADER_CASES.values():
-            dist.send(_raw_header(**over), group=world, group_dst=1)  # a header alone, then nothing
-        meta = _absurd_meta()
-        dist.send(_raw_header(meta_nbytes=meta.numel(), n_tensors=1), group=world, group_dst=1)
-        dist.send(meta, group=world, group_dst=1)
+            dist.send(_raw_control(**over), group=world, group_dst=1)  # a control frame, then nothing
+        meta = _absurd_meta()  # fits inline: one frame carries the header and the absurd spec
+        dist.send(_raw_control(meta, meta_nbytes=len(meta), n_tensors=1), group=world, group_dst=1)
         P2PChannel(world, 1).send(control(TPEnvelopeV1, Action.NOOP, 30))
         P2PChannel(world, 1).send(control(TPEnvelopeV1, Action.NOOP, 29))  # a restarted sender
         P2PChannel(world, 1).send(tp_infer(call_id=41, chunk_index=5))
         dist.send(
-            _raw_header(call_id=42, chunk_index=5, cache_epoch=1), group=world, group_dst=1
+            _raw_control(call_id=42, chunk_index=5, cache_epoch=1), group=world, group_dst=1
         )  # chunk reused
         return {}
     out: dict[str, Any] = {}
@@ -314,7 +319,7 @@ def test_receiver_rejects_bad_headers_and_ids_before_allocating() -> None:
         assert got[name][:2] == [etype, field], got[name]
         assert "tensors_allocated" not in got[name][3] and "meta_received" not in got[name][3]
     assert got["absurd_spec"][:2] == ["LimitError", "latents"], got["absurd_spec"]
-    assert "tensors_allocated" not in got["absurd_spec"][3]
+    assert "tensors_allocated" not in got["absurd_spec"][3] and got["absurd_spec"][3]["meta_rejected"] == 1
     assert got["call_id"][:2] == ["MonotonicityError", "call_id"] and "call_id=29" in got["call_id"][2]
     assert got["chunk_index"][:2] == ["MonotonicityError", "chunk_index"]
     assert "call_id=42, chunk_index=5" in got["chunk_index"][2]

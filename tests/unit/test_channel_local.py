@@ -1,7 +1,8 @@
 """Channel framing in one process, over an in-memory loopback transport.
 
 The loopback replaces only `_put` / `_get` (the two transport calls), so framing, preflight,
-ownership, observer events, receiver checks and the poison path are the production code. The gloo
+ownership, observer events, receiver checks and the poison path are the production code. Each
+wire entry is one transfer, so "at most two transfers per message" is counted here. The gloo
 versions of these tests are in tests/dist/test_channels.py.
 """
 
@@ -18,16 +19,18 @@ import torch
 from factories import control, pp_infer, pp_result, same, tp_infer
 from streamdit.errors import EXIT_POISONED, Poisoned
 from streamdit.protocol.channel import ChannelEvent, ChannelFaults, P2PChannel
-from streamdit.protocol.codec import Limits
+from streamdit.protocol.codec import Limits, tensor_to_bytes
 from streamdit.protocol.errors import (
     ChannelBroken,
+    HeaderError,
     LimitError,
     MonotonicityError,
     OwnershipError,
     PlanMismatchError,
 )
+from streamdit.protocol.framing import HEADER_BYTES, pack_control
 from streamdit.protocol.header import Action, Header, Ids, Kind
-from streamdit.protocol.messages import TPEnvelopeV1
+from streamdit.protocol.messages import PPResultV1, TPEnvelopeV1
 from streamdit.runtime.flight import FlightRecorder
 
 pytestmark = pytest.mark.timeout(60)
@@ -50,8 +53,10 @@ class Loop(P2PChannel):
     def __init__(self, rank: int, wire: collections.deque, **kw: object) -> None:
         super().__init__(FakeGroup(rank), 1 - rank, **kw)  # type: ignore[arg-type]
         self.wire = wire
+        self.sent_ptrs: list[int] = []  # data_ptr of every tensor handed to the transport
 
     def _put(self, t: torch.Tensor) -> None:
+        self.sent_ptrs.append(t.data_ptr())
         self.wire.append(t.clone())
 
     def _get(self, t: torch.Tensor) -> None:
@@ -60,13 +65,20 @@ class Loop(P2PChannel):
         t.copy_(self.wire.popleft().view(t.dtype).reshape(t.shape))
 
 
-def pair(**send_kw: object) -> tuple[Loop, Loop, FlightRecorder, FlightRecorder, list[int]]:
+def pair(
+    rx_kw: dict | None = None, **send_kw: object
+) -> tuple[Loop, Loop, FlightRecorder, FlightRecorder, list[int]]:
     wire: collections.deque = collections.deque()
     exits: list[int] = []
     tx_rec, rx_rec = FlightRecorder(label="tx"), FlightRecorder(label="rx")
     tx = Loop(0, wire, role="rank0", group_name="world", observer=tx_rec, exit_fn=exits.append, **send_kw)
-    rx = Loop(1, wire, role="worker", group_name="world", observer=rx_rec, exit_fn=exits.append)
+    rx = Loop(
+        1, wire, role="worker", group_name="world", observer=rx_rec, exit_fn=exits.append, **(rx_kw or {})
+    )
     return tx, rx, tx_rec, rx_rec, exits
+
+
+SMALL_INLINE = Limits(inline_meta_bytes=16)  # every meta but the shortest travels apart
 
 
 def test_round_trip_every_type_many_in_a_row() -> None:
@@ -82,10 +94,53 @@ def test_round_trip_every_type_many_in_a_row() -> None:
     ]
     for msg in msgs:
         tx.send(msg)
+        want = 1 if msg.action in (Action.NOOP, Action.SHUTDOWN, Action.ERROR) else 2
+        assert len(tx.wire) == want, (type(msg).__name__, msg.action)  # control [+ payload]
+        assert tx.wire[0].numel() == 4096 and tx.wire[0].dtype == torch.uint8
         got = rx.recv()
         assert same(msg, got), type(msg).__name__
     assert not tx.wire and exits == []
     assert tx_rec.count("header_sent") == rx_rec.count("message_received") == len(msgs)
+    assert rx_rec.count("meta_received") == tx_rec.count("meta_sent") == len(msgs) - 2  # NOOP, SHUTDOWN
+
+
+def test_meta_beyond_inline_capacity_is_a_separate_exact_transfer() -> None:
+    tx, rx, tx_rec, rx_rec, exits = pair(rx_kw={"limits": SMALL_INLINE}, limits=SMALL_INLINE)
+    msgs = [
+        tp_infer(call_id=1, chunk_index=0),
+        pp_result(call_id=2, chunk_index=1),
+        control(TPEnvelopeV1, Action.ERROR, 3, reason="x" * 40),
+        control(TPEnvelopeV1, Action.NOOP, 4),
+    ]
+    for msg in msgs:
+        tx.send(msg)
+        if msg.action is Action.NOOP:
+            assert [t.numel() for t in tx.wire] == [HEADER_BYTES + 16]
+        else:
+            control_frame, meta = tx.wire[0], tx.wire[1]
+            assert control_frame.numel() == HEADER_BYTES + 16 and not control_frame[HEADER_BYTES:].any()
+            assert len(tx.wire) == (2 if msg.action is Action.ERROR else 3)
+            assert meta.numel() == int(control_frame[:HEADER_BYTES].view(torch.int64)[8])  # meta_nbytes
+        assert same(msg, rx.recv()), type(msg).__name__
+    assert [e["detail"] for e in rx_rec.events() if e["name"] == "meta_received"] == ["separate"] * 3
+    assert tx_rec.count("meta_sent") == 3 and exits == []
+
+
+def test_multi_tensor_payload_is_one_buffer_and_one_tensor_is_sent_as_itself() -> None:
+    tx, rx, _, rx_rec, _ = pair()
+    msg = tp_infer()
+    tx.send(msg)
+    payload = tx.wire[1]
+    got = rx.recv()
+    names = ("conditioning_embeds", "context_frames_override", "denoising_step_list", "latents")
+    storages = {getattr(got, n).untyped_storage().data_ptr() for n in names}
+    assert len(storages) == 1 and all(getattr(got, n).data_ptr() % 64 == 0 for n in names)
+    assert payload.numel() == getattr(got, names[0]).untyped_storage().nbytes()
+    result = pp_result(call_id=6, chunk_index=3)
+    tx.send(result)
+    assert tx.sent_ptrs[-1] == result.latents_out.data_ptr()  # no pack copy for a lone tensor
+    got = rx.recv()
+    assert isinstance(got, PPResultV1) and torch.equal(got.latents_out, result.latents_out)
 
 
 def test_poison_after_header_exits_with_poisoned_code() -> None:
@@ -96,15 +151,31 @@ def test_poison_after_header_exits_with_poisoned_code() -> None:
     assert [e["name"] for e in tx_rec.events()] == ["commit", "header_sent", "poisoned"]
     with pytest.raises(ChannelBroken):
         tx.send(tp_infer(call_id=6, chunk_index=3))
-    assert len(tx.wire) == 1  # the header went out, nothing else did
+    assert len(tx.wire) == 1  # the control frame went out, nothing else did
 
 
-@pytest.mark.parametrize("point", ["after_meta", "after_first_tensor"])
-def test_poison_later_points(point: str) -> None:
-    tx, _, tx_rec, _, exits = pair(faults=ChannelFaults(raise_at=point))
+@pytest.mark.parametrize(
+    ("point", "limits", "sent"),
+    [
+        ("after_meta", Limits(), 1),  # inline meta: right after the control frame
+        ("after_meta", SMALL_INLINE, 2),  # after the separate meta transfer
+        ("before_payload", Limits(), 1),
+        ("before_payload", SMALL_INLINE, 2),
+    ],
+)
+def test_poison_later_points(point: str, limits: Limits, sent: int) -> None:
+    tx, _, tx_rec, _, exits = pair(faults=ChannelFaults(raise_at=point), limits=limits)
     with pytest.raises(Poisoned):
         tx.send(tp_infer())
     assert exits == [EXIT_POISONED] and tx_rec.count("poisoned") == 1
+    assert len(tx.wire) == sent and tx_rec.count("message_sent") == 0
+    assert [e["name"] for e in tx_rec.events()] == ["commit", "header_sent", "meta_sent", "poisoned"]
+
+
+def test_before_payload_is_skipped_when_there_is_no_payload() -> None:
+    tx, rx, tx_rec, _, exits = pair(faults=ChannelFaults(raise_at="before_payload"))
+    tx.send(control(TPEnvelopeV1, Action.NOOP, 1))  # nothing follows the control frame
+    assert rx.recv().action is Action.NOOP and exits == [] and tx_rec.count("message_sent") == 1
 
 
 def test_preflight_failure_sends_nothing() -> None:
@@ -143,13 +214,38 @@ def test_receiver_rejects_absurd_header_before_allocating() -> None:
         meta_nbytes=2**40,
         n_tensors=4,
     )
-    tx.wire.append(torch.tensor(big.values(), dtype=torch.int64))
+    tx.wire.append(torch.frombuffer(bytearray(pack_control(big.values(), b"", Limits())), dtype=torch.uint8))
     with pytest.raises(LimitError) as info:
         rx.recv()
     assert info.value.field == "meta_nbytes" and "call_id=1" in str(info.value)
     assert rx_rec.count("header_rejected") == 1 and rx_rec.count("tensors_allocated") == 0
+    assert rx_rec.count("meta_received") == 0
     with pytest.raises(ChannelBroken):
         rx.recv()
+
+
+def test_receiver_rejects_non_zero_padding_before_anything_else() -> None:
+    tx, rx, _, rx_rec, _ = pair()
+    tx.send(tp_infer(call_id=3, chunk_index=1))
+    tx.wire[0][-1] = 7  # a corrupt byte in the frame's padding
+    with pytest.raises(HeaderError) as info:
+        rx.recv()
+    assert info.value.field == "control_padding" and "call_id=3, chunk_index=1" in str(info.value)
+    assert rx_rec.count("header_rejected") == 1 and rx_rec.count("header_received") == 0
+    assert rx_rec.count("tensors_allocated") == 0 and rx.broken
+
+
+def test_receiver_rejects_absurd_spec_in_a_separate_meta_before_allocating() -> None:
+    tx, rx, _, rx_rec, _ = pair(rx_kw={"limits": SMALL_INLINE}, limits=SMALL_INLINE)
+    tx.send(tp_infer(call_id=8, chunk_index=2))
+    meta = bytearray(tensor_to_bytes(tx.wire[1]))
+    at = meta.rindex(b"[1,3,16,4,6]")  # latents' shape (the last spec)
+    meta[at : at + 12] = b"[9999999999]"  # same length, canonical: 20 GB of bfloat16
+    tx.wire[1] = torch.frombuffer(meta, dtype=torch.uint8)
+    with pytest.raises(LimitError) as info:
+        rx.recv()
+    assert info.value.field == "latents" and "call_id=8, chunk_index=2" in str(info.value)
+    assert rx_rec.count("meta_rejected") == 1 and rx_rec.count("tensors_allocated") == 0
 
 
 def test_receiver_rejects_forced_inconsistent_plan_from_meta_alone() -> None:

@@ -1,13 +1,17 @@
-"""Meta codec: canonical round trips, schema refusals, limits before allocation, and fuzzing.
+"""Meta codec and payload layout: canonical round trips, schema refusals, limits before
+allocation, packing tensors into one buffer and back, and fuzzing.
 
 The fuzz properties (hypothesis) are the decoder's contract with untrusted bytes: for any input,
-`decode_meta` / `Header.parse` either return something within the limits or raise a
-ProtocolError subclass — never another exception type, never a hang, never a large allocation.
+`decode_meta` / `Header.parse` / the control-frame parse either return something within the limits
+or raise a ProtocolError subclass — never another exception type, never a hang, never a large
+allocation.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import tracemalloc
 
 import pytest
@@ -26,8 +30,19 @@ from streamdit.protocol.codec import (
     check_specs,
     decode_meta,
     encode_meta,
+    tensor_to_bytes,
 )
 from streamdit.protocol.errors import CodecError, DtypeError, LimitError, SchemaError
+from streamdit.protocol.framing import (
+    ALIGN,
+    alloc_payload,
+    control_nbytes,
+    inline_meta,
+    pack_payload,
+    parse_header,
+    payload_layout,
+    unpack_payload,
+)
 from streamdit.protocol.header import HEADER_LEN, Header
 from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.protocol.preflight import prepare
@@ -158,10 +173,121 @@ def test_dtype_allowlist_is_exactly_the_spec_set() -> None:
     assert set(DTYPES) == {"float32", "bfloat16", "float16", "int64", "int32", "uint8"}
 
 
-@pytest.mark.parametrize("bad", [{"max_meta_bytes": 0}, {"max_tensors": -1}, {"max_ndim": 2.0}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"max_meta_bytes": 0},
+        {"max_tensors": -1},
+        {"max_ndim": 2.0},
+        {"inline_meta_bytes": -1},
+        {"inline_meta_bytes": 1.0},
+        {"inline_meta_bytes": 64 * 1024 + 1},  # more than max_meta_bytes
+        {"max_meta_bytes": 1000},  # below the default inline capacity
+    ],
+)
 def test_limits_are_validated(bad: dict) -> None:
     with pytest.raises(ValueError):
         Limits(**bad)
+
+
+def test_inline_capacity_bounds() -> None:
+    assert Limits().inline_meta_bytes == 4008
+    assert Limits(inline_meta_bytes=0).inline_meta_bytes == 0
+    assert Limits(max_meta_bytes=1000, inline_meta_bytes=1000).inline_meta_bytes == 1000
+
+
+# ---- payload layout: all non-empty tensors in one buffer ----------------------------------------
+
+MIXED = {
+    "a": torch.arange(3, dtype=torch.int64),  # 24 B: the next offset is padded to 64
+    "b": torch.zeros(0, 5, dtype=torch.float32),  # empty: no bytes, no offset consumed
+    "c": torch.randn(2, 3, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16),
+    "d": torch.tensor(7, dtype=torch.uint8),  # 0-dim
+    "e": torch.arange(129, dtype=torch.float16),
+}
+
+
+def _specs(tensors: dict[str, torch.Tensor]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.of(n, t) for n, t in sorted(tensors.items()))
+
+
+def test_layout_aligns_offsets_and_skips_empty_tensors() -> None:
+    layout = payload_layout(_specs(MIXED))
+    assert layout.offsets == (0, 0, 64, 128, 192) and layout.sizes == (24, 0, 12, 1, 258)
+    assert layout.nbytes == 192 + 258 and layout.direct is None  # no trailing pad
+    assert payload_layout(()).nbytes == 0 and payload_layout(()).direct is None
+
+
+def test_pack_then_unpack_is_bitwise_and_gaps_are_zero() -> None:
+    specs = _specs(MIXED)
+    layout = payload_layout(specs)
+    tensors = [MIXED[s.name] for s in specs]
+    flat = pack_payload(tensors, layout)
+    assert flat is not None and flat.dtype == torch.uint8 and flat.numel() == layout.nbytes
+    assert not flat[24:64].any() and not flat[76:128].any() and not flat[129:192].any()
+    got = unpack_payload(flat, specs, layout, torch.device("cpu"))
+    assert list(got) == [s.name for s in specs]
+    for name, want in MIXED.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape
+        assert torch.equal(got[name], want), name
+    shared = {got[n].untyped_storage().data_ptr() for n in "acde"}
+    assert shared == {flat.untyped_storage().data_ptr()}  # views of the one buffer, no copies
+    assert all(got[n].data_ptr() % ALIGN == 0 for n in "acde")
+
+
+def test_one_non_empty_tensor_is_sent_as_itself() -> None:
+    t = torch.randn(3, 5)
+    specs = _specs({"a": t, "b": torch.zeros(0)})
+    layout = payload_layout(specs)
+    assert layout.direct == 0 and layout.offsets[0] == 0 and layout.nbytes == t.numel() * 4
+    sent = pack_payload([t, torch.zeros(0)], layout)
+    assert sent is not None and sent.data_ptr() == t.data_ptr()  # no pack copy
+    flat, got = alloc_payload(specs, layout, torch.device("cpu"))
+    assert flat is not None and flat.numel() == layout.nbytes
+    flat.copy_(sent)
+    assert torch.equal(got["a"], t) and got["b"].shape == (0,)
+
+
+def test_no_bytes_means_no_payload() -> None:
+    specs = _specs({"b": torch.zeros(0, 5)})
+    layout = payload_layout(specs)
+    assert pack_payload([torch.zeros(0, 5)], layout) is None
+    flat, got = alloc_payload(specs, layout, torch.device("cpu"))
+    assert flat is None and got["b"].shape == (0, 5)
+
+
+def test_pack_and_unpack_refuse_a_mismatched_layout() -> None:
+    specs = _specs(MIXED)
+    layout = payload_layout(specs)
+    with pytest.raises(ValueError):
+        pack_payload([MIXED[s.name] for s in specs][:-1], layout)
+    with pytest.raises(ValueError):
+        pack_payload([torch.zeros(1) for _ in specs], layout)
+    with pytest.raises(ValueError):
+        unpack_payload(torch.zeros(layout.nbytes - 1, dtype=torch.uint8), specs, layout, torch.device("cpu"))
+
+
+@settings(max_examples=100, deadline=None, derandomize=True, database=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(sorted(DTYPES)), st.lists(st.integers(0, 9), max_size=3)),
+        max_size=6,
+    )
+)
+def test_layout_property_round_trip(raw: list[tuple[str, list[int]]]) -> None:
+    tensors = {}
+    for i, (dtype, shape) in enumerate(raw):
+        tensors[f"t{i}"] = torch.arange(math.prod(shape), dtype=torch.int64).reshape(shape).to(DTYPES[dtype])
+    specs = _specs(tensors)
+    layout = payload_layout(specs)
+    spans = [(o, o + n) for o, n in zip(layout.offsets, layout.sizes, strict=True) if n]
+    assert all(o % ALIGN == 0 for o, _ in spans) and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert layout.nbytes == (spans[-1][1] if spans else 0)
+    assert layout.nbytes <= sum(layout.sizes) + (ALIGN - 1) * len(spans)
+    assert (layout.direct is not None) == (len(spans) == 1)
+    flat = pack_payload([tensors[s.name] for s in specs], layout)
+    got = unpack_payload(flat, specs, layout, torch.device("cpu"))
+    assert all(torch.equal(got[n], t) and got[n].dtype == t.dtype for n, t in tensors.items())
 
 
 # ---- fuzzing ------------------------------------------------------------------------------------
@@ -244,6 +370,39 @@ def test_fuzz_random_headers(values: list[int]) -> None:
     except ProtocolError:
         return
     assert 0 <= h.meta_nbytes <= LIMITS.max_meta_bytes and 0 <= h.n_tensors <= LIMITS.max_tensors
+
+
+CONTROL = tensor_to_bytes(prepare(tp_infer(), Limits(), torch.device("cpu")).control)
+CONTROL_LIMITS = Limits(max_tensor_bytes=1 << 24, max_total_bytes=1 << 25)
+
+
+def _assert_bounded_control(frame: bytes) -> None:
+    """Header checks, padding check, then the inline meta: a ProtocolError or specs within limits."""
+    try:
+        h = parse_header(frame, CONTROL_LIMITS)
+        meta = inline_meta(frame, h, CONTROL_LIMITS)
+        assert h.meta_nbytes <= CONTROL_LIMITS.max_meta_bytes and h.n_tensors <= CONTROL_LIMITS.max_tensors
+        if meta:
+            _assert_bounded_decode(meta, TPEnvelopeV1.SCHEMA, CONTROL_LIMITS, h.n_tensors)
+    except ProtocolError:
+        return
+
+
+@FUZZ
+@given(st.binary(max_size=512), st.booleans())
+def test_fuzz_random_control_frames(data: bytes, valid_magic: bool) -> None:
+    size = control_nbytes(CONTROL_LIMITS)
+    frame = (CONTROL[:16] if valid_magic else b"") + data  # random bytes, zero tail
+    _assert_bounded_control(frame[:size].ljust(size, b"\0"))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 4095), st.integers(0, 255)), min_size=1, max_size=4))
+def test_fuzz_mutated_control_frame(edits: list[tuple[int, int]]) -> None:
+    frame = bytearray(CONTROL)
+    for i, b in edits:
+        frame[i] = b
+    _assert_bounded_control(bytes(frame))
 
 
 @FUZZ

@@ -1,7 +1,9 @@
-"""The fixed int64 header: round trips, every receiver check, and id monotonicity.
+"""The fixed int64 header and the control frame carrying it: round trips, every receiver check,
+and id monotonicity.
 
 Each rejection test asserts the error type *and* the field it names, because an operator reading
-one log line must know which header field was wrong.
+one log line must know which header field was wrong. Every header case runs twice: on the int64
+values (`Header.parse`) and inside a control frame as it comes off the wire (`parse_header`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ import torch
 from streamdit.errors import ProtocolError
 from streamdit.protocol.codec import Limits
 from streamdit.protocol.errors import HeaderError, LimitError, MonotonicityError
+from streamdit.protocol.framing import (
+    CONTROL_BYTES,
+    HEADER_BYTES,
+    control_nbytes,
+    inline_meta,
+    pack_control,
+    parse_header,
+)
 from streamdit.protocol.header import (
     HEADER_LEN,
     MAGIC,
@@ -25,7 +35,7 @@ from streamdit.protocol.header import (
     checksum,
 )
 
-LIMITS = Limits(max_meta_bytes=1024, max_tensors=8)
+LIMITS = Limits(max_meta_bytes=1024, max_tensors=8, inline_meta_bytes=256)
 
 
 def raw(**fields: int) -> list[int]:
@@ -43,6 +53,23 @@ def raw(**fields: int) -> list[int]:
     return v
 
 
+def frame(values: list[int], meta: bytes = b"", limits: Limits = LIMITS) -> bytes:
+    return pack_control(values, meta, limits)
+
+
+def both_reject(values: list[int], error: type, group: str | None = None) -> list[Exception]:
+    """The same rejection from the values and from the control frame holding them."""
+    errors = []
+    for parse in (
+        lambda: Header.parse(values, LIMITS, group),
+        lambda: parse_header(frame(values), LIMITS, group),
+    ):
+        with pytest.raises(error) as info:
+            parse()
+        errors.append(info.value)
+    return errors
+
+
 @pytest.mark.parametrize("kind", list(Kind))
 @pytest.mark.parametrize("action", list(Action))
 def test_round_trip_every_kind_and_action(kind: Kind, action: Action) -> None:
@@ -53,6 +80,10 @@ def test_round_trip_every_kind_and_action(kind: Kind, action: Action) -> None:
     t = h.to_tensor(torch.device("cpu"))
     assert t.dtype == torch.int64 and t.shape == (HEADER_LEN,)
     assert Header.parse(t.tolist(), LIMITS) == h
+    meta = bytes(range(65, 65 + meta))
+    f = frame(h.values(), meta)
+    assert len(f) == control_nbytes(LIMITS) == HEADER_BYTES + 256
+    assert parse_header(f, LIMITS) == h and inline_meta(f, h, LIMITS) == meta
 
 
 def test_layout_constants() -> None:
@@ -82,10 +113,9 @@ def test_layout_constants() -> None:
     ],
 )
 def test_rejects_bad_fields(values: list[int], field: str) -> None:
-    with pytest.raises(HeaderError) as info:
-        Header.parse(values, LIMITS, group="world")
-    assert info.value.field == field
-    assert "group=world" in str(info.value)
+    for error in both_reject(values, HeaderError, group="world"):
+        assert error.field == field
+        assert "group=world" in str(error)
 
 
 @pytest.mark.parametrize(
@@ -99,10 +129,9 @@ def test_rejects_bad_fields(values: list[int], field: str) -> None:
     ],
 )
 def test_absurd_sizes_are_limit_errors_with_ids(values: list[int], field: str) -> None:
-    with pytest.raises(LimitError) as info:
-        Header.parse(values, LIMITS)
-    assert info.value.field == field
-    assert "call_id=7" in str(info.value) and "chunk_index=3" in str(info.value)
+    for error in both_reject(values, LimitError):
+        assert error.field == field
+        assert "call_id=7" in str(error) and "chunk_index=3" in str(error)
 
 
 def test_checksum_catches_a_flipped_field_and_wrong_length() -> None:
@@ -110,8 +139,59 @@ def test_checksum_catches_a_flipped_field_and_wrong_length() -> None:
     v[HeaderField.CALL_ID] += 1  # checksum not recomputed: a corrupted or desynchronized header
     with pytest.raises(HeaderError, match="checksum"):
         Header.parse(v, LIMITS)
+    with pytest.raises(HeaderError, match="checksum"):
+        parse_header(frame(v), LIMITS)
     with pytest.raises(HeaderError, match="fields"):
         Header.parse(raw()[:-1], LIMITS)
+
+
+# ---- the control frame around the header --------------------------------------------------------
+
+
+def test_default_control_frame_is_4096_bytes_and_little_endian() -> None:
+    assert CONTROL_BYTES == control_nbytes(Limits()) == 4096 and HEADER_BYTES == HEADER_LEN * 8
+    f = frame(raw(), limits=Limits())
+    assert len(f) == 4096 and f[:8] == MAGIC.to_bytes(8, "little")
+
+
+def test_frame_of_the_wrong_length_is_refused() -> None:
+    for data in (frame(raw())[:-1], frame(raw()) + b"\0", frame(raw())[:HEADER_BYTES]):
+        with pytest.raises(HeaderError) as info:
+            parse_header(data, LIMITS, group="world")
+        assert info.value.field == "header" and "group=world" in str(info.value)
+
+
+def test_meta_longer_than_inline_capacity_travels_apart() -> None:
+    meta = b"m" * 257  # inline capacity 256
+    values = raw(meta_nbytes=len(meta))
+    f = frame(values, meta)
+    assert f[HEADER_BYTES:] == bytes(256)  # the meta area stays zero
+    h = parse_header(f, LIMITS)
+    assert h.meta_nbytes == 257 and inline_meta(f, h, LIMITS) is None
+    at_capacity = raw(meta_nbytes=256)
+    f = frame(at_capacity, b"m" * 256)
+    assert inline_meta(f, parse_header(f, LIMITS), LIMITS) == b"m" * 256
+
+
+@pytest.mark.parametrize(("meta_nbytes", "at"), [(100, HEADER_BYTES + 100), (100, -1), (300, HEADER_BYTES)])
+def test_non_zero_padding_is_refused_with_ids(meta_nbytes: int, at: int) -> None:
+    values = raw(meta_nbytes=meta_nbytes)
+    f = bytearray(frame(values, b"x" * meta_nbytes))
+    f[at] = 1
+    h = parse_header(bytes(f), LIMITS, group="mesh")  # the header part alone is fine
+    with pytest.raises(HeaderError) as info:
+        inline_meta(bytes(f), h, LIMITS, group="mesh")
+    assert info.value.field == "control_padding"
+    assert "call_id=7, chunk_index=3" in str(info.value) and "group=mesh" in str(info.value)
+
+
+def test_inline_capacity_zero_sends_every_meta_apart() -> None:
+    limits = Limits(inline_meta_bytes=0)
+    f = frame(raw(), b"x" * 100, limits)
+    assert len(f) == HEADER_BYTES and inline_meta(f, parse_header(f, limits), limits) is None
+    empty = raw(action=Action.NOOP, chunk_index=-1, meta_nbytes=0, n_tensors=0)
+    f = frame(empty, b"", limits)
+    assert inline_meta(f, parse_header(f, limits), limits) == b""
 
 
 def test_tracker_call_id_strictly_increasing_across_actions() -> None:

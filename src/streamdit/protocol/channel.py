@@ -5,42 +5,58 @@ Owns: `BroadcastChannel(group, src)` (TP: rank0 -> workers; PP1: leader -> mesh)
 in events.py; `__all__` re-exports them.
 Must not import anything but torch, streamdit.errors and streamdit.protocol.*; never pickle.
 
-Message layout on the wire (every part is a separate transfer, in this order)::
+Message layout on the wire (framing.py owns the bytes): at most two transfers, three when the meta
+is longer than the control frame's inline capacity::
 
-    +--------------------------+  +---------------------+  +--------+ +--------+     +--------+
-    | header  int64[11]        |  | meta  uint8[nbytes] |  | tensor | | tensor | ... | tensor |
-    | magic version kind action|  | canonical JSON:     |  | spec 0 | | spec 1 |     | spec   |
-    | call_id chunk_index      |  |  fields + specs     |  | bytes  | | bytes  |     | n-1    |
-    | cache_epoch control_epoch|  |  [name,dtype,shape] |  +--------+ +--------+     +--------+
-    | meta_nbytes n_tensors    |  |  sorted by name     |   (each sent as its uint8 byte view;
-    | checksum                 |  | (absent if 0 bytes) |    empty tensors are not transferred)
-    +--------------------------+  +---------------------+
+    +------------------------------------------+  +--------------------------+  +------------------+
+    | control frame uint8[88 + inline_meta]    |  | meta uint8[meta_nbytes]  |  | payload          |
+    | (4096 B by default, size fixed by Limits)|  | ONLY when meta_nbytes >  |  | uint8[nbytes]:   |
+    |  header int64[11] little-endian: magic   |  | inline_meta_bytes (the   |  | non-empty tensors|
+    |   version kind action call_id chunk_index|  | frame's meta area is     |  | in spec order at |
+    |   cache_epoch control_epoch meta_nbytes  |  | then all zero)           |  | 64 B aligned     |
+    |   n_tensors checksum                     |  +--------------------------+  | offsets; absent  |
+    |  meta (canonical JSON: fields + specs    |                                | if nbytes == 0;  |
+    |   [name,dtype,shape] sorted by name),    |                                | one non-empty    |
+    |   when meta_nbytes <= inline_meta_bytes  |                                | tensor = its own |
+    |  zero padding (checked by the receiver)  |                                | bytes, no pack   |
+    +------------------------------------------+                                +------------------+
 
 Sender states (`send`)::
 
     state        | what happens                                  | on exception
     -------------+-----------------------------------------------+-------------------------------
     PREFLIGHT    | prepare(): validate, specs, encode, dtypes,   | raise ProtocolError; nothing
-                 | limits, materialize (protocol.md §3 steps 1-5)| was sent: the peer is free
+                 | limits, materialize, build the control frame, | was sent: the peer is free
+                 | pack the payload (protocol.md §3 steps 1-5)   |
     COMMIT       | log the commitment line (rank, role, group,   | -
                  | ids, manifest), event "commit"                |
-    HEADER_SENT  | header transferred: the peer is now blocked   | POISON: log, event "poisoned",
-    META_SENT    | meta transferred                              | exit(EXIT_POISONED). Never
-    TENSORS_SENT | every tensor transferred, event "message_sent"| continue half-sent.
+    HEADER_SENT  | control frame transferred: the peer is now    | POISON: log, event "poisoned",
+                 | blocked. Fault point "after_header"           | exit(EXIT_POISONED). Never
+    META_SENT    | separate meta transferred if any (event       | continue half-sent.
+                 | "meta_sent" either way). Fault "after_meta"   |
+    PAYLOAD      | fault "before_payload" (only when a payload   |
+                 | follows), then the one payload transfer       |
+    SENT         | event "message_sent"                          |
 
 Receiver states (`recv`)::
 
     state        | what happens                                  | on exception
     -------------+-----------------------------------------------+-------------------------------
-    WAIT_HEADER  | blocked on the header (PG timeout bounds it)  | TransportError; channel broken
+    WAIT_HEADER  | blocked on the fixed-size control frame       | TransportError; channel broken
+                 | (PG timeout bounds it); one device->host copy |
     HEADER_OK    | magic, version, checksum, kind, action, ids,  | HeaderError / LimitError /
-                 | monotonicity, size limits. Nothing allocated. | MonotonicityError; broken
-    META_OK      | meta received (<= max_meta_bytes), decoded,   | CodecError / SchemaError /
-                 | schema- and plan-checked from specs alone     | EnvelopeError ...; broken
-    ALLOCATED    | tensors allocated from specs, received        | TransportError; broken
+                 | monotonicity, size limits, zero padding.      | MonotonicityError; broken
+                 | Nothing allocated.                            |
+    META_OK      | meta taken from the frame, or received apart  | CodecError / SchemaError /
+                 | (meta_nbytes <= max_meta_bytes), decoded,     | EnvelopeError ...; broken
+                 | schema- and plan-checked from specs alone     |
+    ALLOCATED    | payload layout from the specs, one flat buffer| TransportError; broken
+                 | allocated, tensors are views of it; received  |
     VALID        | message rebuilt and validated again           | EnvelopeError; framing intact
                  | -> returned; only then may compute start      |
 
+Received tensors of one message share the flat buffer's storage (views at their offsets): keeping
+any of them alive keeps the whole payload buffer alive.
 "Broken" means framing sync is lost (bytes of the rejected message may still be in flight), so every
 later call on the channel raises `ChannelBroken` at once. Timeouts are the process group's: this
 module adds no waiting of its own, and a peer that dies surfaces as a TransportError.
@@ -68,7 +84,14 @@ from streamdit.protocol.errors import (
     TransportError,
 )
 from streamdit.protocol.events import NO_FAULTS, ChannelEvent, ChannelFaults, Observer
-from streamdit.protocol.header import HEADER_LEN, Header, IdTracker, Kind
+from streamdit.protocol.framing import (
+    alloc_payload,
+    control_nbytes,
+    inline_meta,
+    parse_header,
+    payload_layout,
+)
+from streamdit.protocol.header import Header, IdTracker, Kind
 from streamdit.protocol.messages import MESSAGE_TYPES, Message
 from streamdit.protocol.preflight import Prepared, prepare
 
@@ -150,19 +173,18 @@ class _Channel:
         self._emit("commit", h, detail=prep.summary())
         self._sent.advance(h.action, h.ids)
         try:
-            self._put(prep.header_tensor)
+            self._put(prep.control)
             self._emit("header_sent", h)
             self._fault("after_header")
             if prep.meta_tensor is not None:
                 self._put(prep.meta_tensor)
-                self._emit("meta_sent", h)
+            if h.meta_nbytes:
+                self._emit("meta_sent", h, detail="inline" if prep.meta_tensor is None else "separate")
             self._fault("after_meta")
-            for i, t in enumerate(prep.tensors):
-                if t.numel():
-                    self._put(_bytes_view(t))
-                if i == 0:
-                    self._fault("after_first_tensor")
-            self._emit("message_sent", h)
+            if prep.payload is not None:
+                self._fault("before_payload")
+                self._put(prep.payload)
+            self._emit("message_sent", h, detail=f"{len(prep.wire)} transfers")
         except BaseException as exc:  # after the commitment point nothing may propagate normally
             self._poison(exc, h)
 
@@ -191,10 +213,11 @@ class _Channel:
 
     def _recv(self) -> Message:
         with self._owned("recv"):
-            raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.device)
+            raw = torch.empty(control_nbytes(self.limits), dtype=torch.uint8, device=self.device)
             self._transfer_in(raw, None, "header")
+            frame = tensor_to_bytes(raw)  # the one device -> host copy of a message's framing
             try:
-                header = Header.parse(raw.tolist(), self.limits, self.group_name)
+                header = parse_header(frame, self.limits, self.group_name)
                 if header.kind not in self.kinds:
                     raise HeaderError(
                         f"kind {header.kind.name} not accepted here",
@@ -202,6 +225,7 @@ class _Channel:
                         **header.ids.ctx(self.group_name),
                     )
                 self._seen.check(header.action, header.ids, self.group_name)
+                meta = inline_meta(frame, header, self.limits, self.group_name)
             except ProtocolError as exc:
                 self._mark_rejected("header_rejected", exc, None)
                 raise
@@ -211,31 +235,34 @@ class _Channel:
                 header,
                 detail=f"meta={header.meta_nbytes}B n_tensors={header.n_tensors}",
             )
-            return self._recv_body(header)
+            return self._recv_body(header, meta)
 
-    def _recv_body(self, header: Header) -> Message:
+    def _recv_body(self, header: Header, data: bytes | None) -> Message:
+        """`data`: the inline meta from the control frame, or None when it follows apart."""
         cls = MESSAGE_TYPES[header.kind]
         ctx = header.ids.ctx(self.group_name)
         fields: dict[str, object] = {}
         specs: tuple = ()
         if header.meta_nbytes:
-            buf = torch.empty(header.meta_nbytes, dtype=torch.uint8, device=self.device)  # <= max_meta_bytes
-            self._transfer_in(buf, header, "meta")
+            where = "inline"
+            if data is None:
+                where = "separate"
+                buf = torch.empty(header.meta_nbytes, dtype=torch.uint8, device=self.device)  # <= max_meta
+                self._transfer_in(buf, header, "meta")
+                data = tensor_to_bytes(buf)
             try:
-                meta = decode_meta(
-                    tensor_to_bytes(buf), cls.SCHEMA, self.limits, n_tensors=header.n_tensors, ctx=ctx
-                )
+                meta = decode_meta(data, cls.SCHEMA, self.limits, n_tensors=header.n_tensors, ctx=ctx)
                 cls.check_payload(header.action, meta.fields, {s.name: s for s in meta.specs}, ctx)
             except ProtocolError as exc:
                 self._mark_rejected("meta_rejected", exc, header)
                 raise
             fields, specs = dict(meta.fields), meta.specs
-            self._emit("meta_received", header)
-        tensors = {s.name: s.allocate(self.device) for s in specs}
-        self._emit("tensors_allocated", header, detail=f"{sum(s.nbytes for s in specs)}B")
-        for name, t in tensors.items():
-            if t.numel():
-                self._transfer_in(_bytes_view(t), header, name)
+            self._emit("meta_received", header, detail=where)
+        layout = payload_layout(specs)  # from validated specs only: bounded by the limits
+        flat, tensors = alloc_payload(specs, layout, self.device)
+        self._emit("tensors_allocated", header, detail=f"{layout.nbytes}B")
+        if flat is not None:
+            self._transfer_in(flat, header, "payload")
         msg = cls.from_wire(header.action, header.ids, fields, tensors)
         try:
             msg.validate(self.group_name)
@@ -370,8 +397,3 @@ class P2PChannel(_Channel):
 
     def _get(self, t: torch.Tensor) -> None:
         dist.recv(t, group=self.group, group_src=self.peer)
-
-
-def _bytes_view(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bytes as uint8 (same storage): transports then never depend on dtype support."""
-    return t.reshape(-1).view(torch.uint8)

@@ -52,7 +52,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Limits:
-    """Size limits, checked before any allocation. A parity key: equal on every rank."""
+    """Size limits, checked before any allocation. A parity key: equal on every rank.
+
+    `inline_meta_bytes` is the meta capacity of the fixed-size control frame (framing.py): the
+    frame is `HEADER_LEN * 8 + inline_meta_bytes` bytes (4096 by default) and sets the size of
+    every message's first transfer, so two ranks whose `inline_meta_bytes` differ cannot exchange
+    a single message (the transfer sizes disagree; under NCCL that is undefined, not an error).
+    A meta longer than it (up to `max_meta_bytes`) follows the frame as its own transfer.
+    """
 
     max_meta_bytes: int = 64 * 1024
     max_tensor_bytes: int = 1 << 30
@@ -60,12 +67,21 @@ class Limits:
     max_tensors: int = 16
     max_ndim: int = 8
     max_str_len: int = 512
+    inline_meta_bytes: int = 4008
 
     def __post_init__(self) -> None:
         for name in self.__slots__:
             value = getattr(self, name)
-            if type(value) is not int or value <= 0:
+            if name == "inline_meta_bytes":
+                if type(value) is not int or value < 0:
+                    raise ValueError(f"Limits.{name} must be a non-negative int, got {value!r}")
+            elif type(value) is not int or value <= 0:
                 raise ValueError(f"Limits.{name} must be a positive int, got {value!r}")
+        if self.inline_meta_bytes > self.max_meta_bytes:
+            raise ValueError(
+                f"Limits.inline_meta_bytes {self.inline_meta_bytes} > max_meta_bytes "
+                f"{self.max_meta_bytes}: lower inline_meta_bytes along with max_meta_bytes"
+            )
 
 
 class FieldType(enum.Enum):
@@ -216,8 +232,8 @@ def check_dtype(spec: TensorSpec, ctx: ErrCtx = _NO_CTX) -> None:
 
 
 def bytes_to_tensor(data: bytes, device: torch.device) -> torch.Tensor:
-    """Meta bytes as a uint8 tensor on `device` (the wire form of the meta part)."""
-    # bytearray: torch.frombuffer wants a writable buffer; the copy is a few hundred bytes.
+    """Bytes as a uint8 tensor on `device` (the wire form of the control frame and of the meta)."""
+    # bytearray: torch.frombuffer wants a writable buffer; the copy is a few KB at most.
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
 
 

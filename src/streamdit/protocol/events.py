@@ -29,7 +29,11 @@ EVENT_NAMES = (
     "transport_error",  # receiver: peer gone or timeout
 )
 
-FAULT_POINTS = ("after_header", "after_meta", "after_first_tensor")
+# Where `ChannelFaults.raise_at` may break a send, all after the commitment point:
+# after_header   - the control frame (header + inline meta) went out: the peer is blocked
+# after_meta     - after the separate meta transfer, if any (else right after after_header)
+# before_payload - just before the one payload transfer (only when the message has one)
+FAULT_POINTS = ("after_header", "after_meta", "before_payload")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

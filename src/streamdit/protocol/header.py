@@ -10,7 +10,8 @@ Layout (int64 each, index = `HeaderField`):
     7 CONTROL_EPOCH  8 META_NBYTES  9 N_TENSORS  10 CHECKSUM
 
 The checksum mixes fields 0..9, so a desynchronized stream (tensor bytes read as a header) or a
-corrupted header is refused even when the magic happens to match.
+corrupted header is refused even when the magic happens to match. On the wire the values travel as
+little-endian bytes at the start of the control frame (framing.py), not as an int64 tensor.
 Must not import anything but torch, streamdit.errors and streamdit.protocol.{errors,codec}.
 """
 

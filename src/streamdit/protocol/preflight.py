@@ -6,9 +6,13 @@ Owns: `prepare(msg, limits, device) -> Prepared`, steps 1-5 of protocol.md §3 i
 2. build the tensor list, sorted by name; reject nested / non-top-level tensors
 3. encode the meta (an unencodable value fails here at the latest: OM-01)
 4. check every dtype against the allowlist (OM-02) and every size against the limits
-5. materialize every tensor (target device, contiguous) plus the header and meta buffers
+5. materialize every tensor (target device, contiguous), then the wire buffers of framing.py:
+   the control frame (header + inline meta), the separate meta buffer when the meta does not fit
+   inline, and the payload (every non-empty tensor packed into one buffer; the tensor's own byte
+   view when only one is non-empty)
 
-A `Prepared` is inert data: sending it (step 6, in channel.py) can fail only in the transport.
+A `Prepared` is inert data: sending it (step 6, in channel.py) can fail only in the transport, and
+a failure anywhere in here (packing included) happens before anything was sent.
 Must not import anything but torch, streamdit.errors and streamdit.protocol.*.
 """
 
@@ -26,21 +30,30 @@ from streamdit.protocol.codec import (
     encode_meta,
 )
 from streamdit.protocol.errors import EnvelopeError, LimitError
+from streamdit.protocol.framing import PayloadLayout, pack_control, pack_payload, payload_layout
 from streamdit.protocol.header import Action, Header, IdTracker, check_ids
 from streamdit.protocol.messages import MESSAGE_TYPES, Message, require_dense
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Prepared:
-    """A validated, encoded, materialized message: header, meta and tensors ready to send."""
+    """A validated, encoded, materialized message and its wire buffers (at most 3 transfers)."""
 
     message: Message
     header: Header
-    header_tensor: torch.Tensor
     meta: bytes
-    meta_tensor: torch.Tensor | None
     specs: tuple[TensorSpec, ...]
-    tensors: tuple[torch.Tensor, ...]
+    tensors: tuple[torch.Tensor, ...]  # materialized: on the channel device, contiguous
+    layout: PayloadLayout
+    control: torch.Tensor  # uint8 control frame: header, then the meta when it fits inline
+    meta_tensor: torch.Tensor | None  # the meta as its own transfer; None when inline or empty
+    payload: torch.Tensor | None  # uint8, layout.nbytes; None when no tensor has bytes
+
+    @property
+    def wire(self) -> tuple[torch.Tensor, ...]:
+        """The transfers, in order."""
+        parts = (self.control, self.meta_tensor, self.payload)
+        return tuple(t for t in parts if t is not None)
 
     @property
     def total_bytes(self) -> int:
@@ -49,7 +62,11 @@ class Prepared:
     def summary(self) -> str:
         """Manifest for the commitment log line: n_specs, shapes, dtypes."""
         specs = ", ".join(f"{s.name}:{s.dtype}{list(s.shape)}" for s in self.specs)
-        return f"meta={len(self.meta)}B tensors={len(self.specs)} [{specs}] total={self.total_bytes}B"
+        where = "separate" if self.meta_tensor is not None else "inline"
+        return (
+            f"meta={len(self.meta)}B({where}) tensors={len(self.specs)} [{specs}] "
+            f"total={self.total_bytes}B payload={self.layout.nbytes}B transfers={len(self.wire)}"
+        )
 
 
 def prepare(
@@ -90,13 +107,16 @@ def prepare(
     )
     header.check(limits, group)
     tensors = tuple(t.to(device=device).contiguous() for t in named.values())  # type: ignore[union-attr]  # step 5
-    meta_tensor = bytes_to_tensor(meta, device) if meta else None
+    layout = payload_layout(specs)
+    inline = len(meta) <= limits.inline_meta_bytes
     return Prepared(
         message=msg,
         header=header,
-        header_tensor=header.to_tensor(device),
         meta=meta,
-        meta_tensor=meta_tensor,
         specs=specs,
         tensors=tensors,
+        layout=layout,
+        control=bytes_to_tensor(pack_control(header.values(), meta, limits), device),
+        meta_tensor=None if inline else bytes_to_tensor(meta, device),
+        payload=pack_payload(tensors, layout),
     )
