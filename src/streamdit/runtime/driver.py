@@ -1,0 +1,114 @@
+"""The rank0 chunk loop shared by every topology: Phase A → (publish) → Phase B → (check) → Phase C.
+
+Owns: `drive()`, which owns the output video, the metrics file and the progress bar for one
+stream, honours drain requests between chunks, and closes every file in `finally` so a crash
+or a signal leaves a valid video. Topologies plug in two hooks: `publish` (TP: broadcast the
+chunk's envelope to the workers before rank0 runs its own shard) and `check` (drift digests
+after Phase B). `single` passes neither.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from streamdit.config import RunConfig
+from streamdit.media import open_writer
+from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.generator import GeneratorRunner
+from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
+from streamdit.runtime.plan import ChunkIds, GeneratorInputs
+from streamdit.runtime.stage0 import Stage0
+
+log = logging.getLogger(__name__)
+
+Publish = Callable[[ChunkIds, GeneratorInputs], None]
+Check = Callable[[ChunkIds, GeneratorInputs, torch.Tensor], None]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunSummary:
+    chunks: int
+    frames: int
+    out: Path
+    seconds: float
+    stopped_early: str = ""  # the drain reason when a stop request ended the stream
+
+
+def sync(device: torch.device) -> None:
+    """Phase timings must include the device work they launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def drive(
+    cfg: RunConfig,
+    *,
+    chunks: int,
+    stage0: Stage0,
+    runner: GeneratorRunner,
+    device: torch.device,
+    faults: FaultPlan,
+    stop: StopFlag,
+    publish: Publish | None = None,
+    check: Check | None = None,
+) -> RunSummary:
+    t_start = time.monotonic()
+    writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
+    metrics = MetricsWriter(cfg.metrics)
+    progress = Progress(chunks, enabled=cfg.progress)
+    try:
+        for k in range(chunks):
+            if stop.requested:
+                log.warning("draining after %d chunks (%s)", k, stop.reason)
+                break
+            t0 = time.perf_counter()
+            ids, inputs, notes = stage0.prepare(k)
+            if publish is not None:
+                publish(ids, inputs)
+            sync(device)
+            t1 = time.perf_counter()
+            faults.before_generator(k)
+            calls_before = runner.calls_made
+            latents = runner.run(inputs, ids)
+            if check is not None:
+                check(ids, inputs, latents)
+            sync(device)
+            t2 = time.perf_counter()
+            frames = stage0.finish(latents)
+            writer.write(frames)
+            t3 = time.perf_counter()
+            metrics.write(
+                ChunkMetrics(
+                    chunk_index=ids.chunk_index,
+                    cache_epoch=ids.cache_epoch,
+                    call_id=ids.call_id,
+                    frames=int(frames.shape[0]),
+                    generator_calls=runner.calls_made - calls_before,
+                    phase_a_ms=(t1 - t0) * 1e3,
+                    phase_b_ms=(t2 - t1) * 1e3,
+                    phase_c_ms=(t3 - t2) * 1e3,
+                    transition=notes.transition,
+                    kv_recompute=inputs.do_kv_recompute,
+                )
+            )
+            progress.update(k + 1, writer.frames_written)
+            if faults.slow_chunk_ms:
+                time.sleep(faults.slow_chunk_ms / 1e3)
+    finally:
+        progress.close()
+        writer.close()
+        metrics.close()
+    return RunSummary(
+        chunks=len(metrics.records),
+        frames=writer.frames_written,
+        out=cfg.out,
+        seconds=time.monotonic() - t_start,
+        stopped_early=stop.reason if stop.requested else "",
+    )
