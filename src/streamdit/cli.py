@@ -11,11 +11,13 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from streamdit import __version__
 from streamdit.config import (
     DEFAULT_STEP_LIST,
     DEFAULT_V2V_STEP_LIST,
+    LaunchEnv,
     RunConfig,
     is_tty_allowed,
     read_test_hooks,
@@ -23,6 +25,9 @@ from streamdit.config import (
 )
 from streamdit.errors import EXIT_BAD_INPUT, ConfigError, StreamditError
 from streamdit.runtime.liveness import StopFlag
+
+if TYPE_CHECKING:
+    from streamdit.runtime.driver import RunSummary
 
 EXIT_INTERRUPTED = 130
 log = logging.getLogger("streamdit")
@@ -37,6 +42,11 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
+    p.add_argument("--topology", default=d.topology, choices=["single", "tp"], help="process layout")
+    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp)")
+    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
+    p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
+    p.add_argument("--output-digest-every", type=int, default=d.output_digest_every, help="0 = off")
     p.add_argument("--preset", default=d.preset, help="DiT preset: tiny | wan-1.3b | wan-14b")
     p.add_argument("--vae", default=None, help="VAE preset: tiny | wan (default follows --preset)")
     p.add_argument("--height", type=int, default=d.height, help="pixel height, multiple of 16")
@@ -89,6 +99,11 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         steps = DEFAULT_V2V_STEP_LIST if args.input_video else DEFAULT_STEP_LIST
     return RunConfig(
+        topology=args.topology,
+        nproc=args.nproc,
+        dist_timeout_s=args.dist_timeout,
+        input_digest_every=args.input_digest_every,
+        output_digest_every=args.output_digest_every,
         preset=args.preset,
         vae=args.vae,
         height=args.height,
@@ -132,19 +147,24 @@ def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    launch = LaunchEnv.from_environ()
+    prefix = f"[rank{launch.rank}] " if launch.launched else ""
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level.upper(), format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
     )
     stop = StopFlag()
     previous = _install_drain_handlers(stop)
     try:
         cfg = config_from_args(args)
-        from streamdit.runtime.single import run_single  # heavy imports after flag validation
+        if cfg.topology != "single" and not launch.launched:
+            from streamdit.runtime.launch import launch_local
 
-        summary = run_single(cfg, stop)
+            return launch_local(argv, cfg.nproc)
+        summary = _run(cfg, launch, stop)
     except ConfigError as exc:
-        print(f"streamdit: error: {exc}", file=sys.stderr)
+        print(f"streamdit: {prefix}error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("streamdit: interrupted; frames written so far are in the output file", file=sys.stderr)
@@ -155,6 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+    return _report(summary)
+
+
+def _run(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
+    # heavy imports only after the flags validated
+    if cfg.topology == "tp":
+        from streamdit.runtime.tp import run_tp
+
+        return run_tp(cfg, launch, stop)
+    from streamdit.runtime.single import run_single
+
+    return run_single(cfg, stop)
+
+
+def _report(summary: RunSummary | None) -> int:
+    if summary is None:  # a TP worker: rank0 reports for the job
+        return 0
     if summary.stopped_early:
         print(
             f"streamdit: interrupted ({summary.stopped_early}); drained after {summary.chunks} chunks, "

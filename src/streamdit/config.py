@@ -23,6 +23,7 @@ DEFAULT_STEP_LIST = (1000, 750, 500, 250)
 # fewer and later steps than text-to-video (StreamDiffusionV2 style).
 DEFAULT_V2V_STEP_LIST = (750, 500)
 OUTPUT_SUFFIXES = (".mp4", ".npy")
+TOPOLOGIES = ("single", "tp")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
 
 
@@ -37,6 +38,16 @@ def step_list_for(steps: int) -> tuple[int, ...]:
 class RunConfig:
     """Everything one run needs. Fields that change which collectives run are parity keys."""
 
+    topology: str = "single"
+    """single | tp (rank0 runs A + C and a generator shard; workers run Phase B only)."""
+    nproc: int = 1
+    """Local ranks `streamdit run` starts itself (through torch's elastic launcher) for tp."""
+    dist_timeout_s: float = 30.0
+    """Process-group timeout: bounds every blocking collective (bring-up and per chunk)."""
+    input_digest_every: int = 1
+    """Compare digests of every rank's Phase B inputs every N chunks (0 = off)."""
+    output_digest_every: int = 4
+    """Compare digests of every rank's generator output every N chunks (0 = off)."""
     preset: str = "tiny"
     """DiT preset: tiny | wan-1.3b | wan-14b."""
     vae: str | None = None
@@ -93,6 +104,11 @@ class RunConfig:
     """STREAMDIT_TEST_* settings (parity keys): named fault injection points for tests."""
 
     def __post_init__(self) -> None:
+        _check(self.topology in TOPOLOGIES, "topology", f"{self.topology!r} is not one of {TOPOLOGIES}")
+        _check(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
+        _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
+        _check(self.input_digest_every >= 0, "input_digest_every", "must be >= 0")
+        _check(self.output_digest_every >= 0, "output_digest_every", "must be >= 0")
         _check(
             self.height > 0 and self.height % 16 == 0,
             "height",
@@ -161,6 +177,11 @@ class RunConfig:
     def parity_items(self) -> dict[str, str]:
         """Every setting that must be equal on all ranks, as strings (compared at startup)."""
         items = {
+            "topology": self.topology,
+            "dist_timeout_s": repr(self.dist_timeout_s),
+            "input_digest_every": str(self.input_digest_every),
+            "output_digest_every": str(self.output_digest_every),
+            "seed": str(self.seed),
             "preset": self.preset,
             "height": str(self.height),
             "width": str(self.width),
@@ -209,6 +230,8 @@ class LaunchEnv:
     local_rank: int = 0
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    launched: bool = False
+    """True when a launcher (torchrun / our elastic launch) set RANK for this process."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -220,6 +243,7 @@ class LaunchEnv:
                 local_rank=int(env.get("LOCAL_RANK", "0")),
                 master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=int(env.get("MASTER_PORT", "29500")),
+                launched="RANK" in env,
             )
         except ValueError as exc:
             raise ConfigError(f"malformed launch environment: {exc} [field=RANK/WORLD_SIZE]") from exc

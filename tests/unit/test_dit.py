@@ -323,7 +323,7 @@ def test_rms_norm_over_full_dim_from_shards() -> None:
 
 
 def test_rope_bands_positions_and_norm() -> None:
-    assert rope_bands(128) == (44, 42, 42) and rope_bands(CFG.head_dim) == (12, 10, 10)
+    assert rope_bands(128) == (44, 42, 42) and rope_bands(32) == (12, 10, 10) and rope_bands(16) == (8, 4, 4)
     x = torch.randn(1, 2 * 2 * 2, 1, 32)
     cos, sin = rope_angles(32, torch.tensor([5, 6]), 2, 2)
     out = apply_rope(x, cos, sin)

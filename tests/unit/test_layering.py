@@ -62,3 +62,36 @@ def test_no_pickle_anywhere() -> None:
             assert name.split(".")[0] not in ("pickle", "cloudpickle", "dill"), f"{path} imports {name}"
         text = path.read_text(encoding="utf-8")
         assert "_object_list" not in text and "send_object" not in text, f"{path} uses an object collective"
+
+
+# OM-06: no ad-hoc collective on the compute path. Phase B code (the model and the generator
+# runner) never touches torch.distributed; the only collectives it can reach are the TP hooks
+# that parallel/ installs, which go through the group-checked wrappers in parallel/collectives.py.
+COMPUTE_PATH = [SRC / "model", SRC / "runtime" / "generator.py", SRC / "runtime" / "plan.py"]
+
+
+def test_om06_compute_path_has_no_collectives() -> None:
+    files = [p for root in COMPUTE_PATH for p in ([root] if root.is_file() else sorted(root.rglob("*.py")))]
+    assert files
+    for path in files:
+        text = path.read_text(encoding="utf-8")
+        for name in _imports(path):
+            assert not name.startswith("torch.distributed"), f"{path.name} imports {name}"
+        for call in ("dist.", "broadcast(", "all_reduce(", "all_gather(", "send(", "recv("):
+            assert call not in text, f"{path.relative_to(SRC)} contains {call!r}"
+
+
+def test_only_the_collective_wrappers_call_the_backend() -> None:
+    allowed = {"collectives.py", "groups.py", "channel.py"}
+    for path in _modules():
+        if path.name in allowed:
+            continue
+        text = path.read_text(encoding="utf-8")
+        for call in (
+            "dist.all_reduce",
+            "dist.broadcast",
+            "dist.all_gather",
+            "funcol.",
+            "_functional_collectives",
+        ):
+            assert call not in text, f"{path.relative_to(SRC)} calls {call} outside the wrappers"

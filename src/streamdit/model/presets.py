@@ -83,7 +83,7 @@ def _check_positive(field: str, value: int) -> None:
 DIT_PRESETS: Mapping[str, DiTConfig] = MappingProxyType(
     {
         "tiny": DiTConfig(
-            name="tiny", dim=64, num_layers=2, num_heads=2, ffn_dim=256, text_dim=64, text_len=16
+            name="tiny", dim=64, num_layers=2, num_heads=4, ffn_dim=256, text_dim=64, text_len=16
         ),
         "wan-1.3b": DiTConfig(
             name="wan-1.3b",

@@ -57,23 +57,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def validate_run(cfg: RunConfig) -> ValidatedRun:
-    """Reject bad input with a ConfigError naming the field (and file / key), before model work."""
+def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRun:
+    """Reject bad input with a ConfigError naming the field (and file / key), before model work.
+
+    `generator_only` (TP workers): skip what only rank0 touches (VAE, timeline, input video), so
+    a worker never opens those files.
+    """
     dit = get_dit_config(cfg.preset)
-    get_vae_config(cfg.vae_preset)
     device = resolve_device(cfg.device)
     dtype = DTYPE_BY_NAME[cfg.dtype]
     backend = resolve_attention_backend(cfg.attn_backend, device, dtype)
     validate_step_list(cfg.denoising_step_list)
-    timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
-    chunks = cfg.chunks
-    if cfg.input_video is not None:
-        probe_video(cfg.input_video)
     if cfg.checkpoint is not None:
         check_safetensors(_meta_dit(dit), cfg.checkpoint)
-    if cfg.vae_checkpoint is not None:
-        meta_vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=torch.device("meta"), dtype=dtype)
-        check_safetensors(meta_vae, cfg.vae_checkpoint)
+    timeline = Timeline.single(cfg.prompt)
+    if not generator_only:
+        timeline = _validate_stage0_inputs(cfg, dtype)
     return ValidatedRun(
         cfg=cfg,
         dit=dit,
@@ -81,22 +80,42 @@ def validate_run(cfg: RunConfig) -> ValidatedRun:
         dtype=dtype,
         attn_backend=backend,
         timeline=timeline,
-        chunks=chunks,
+        chunks=cfg.chunks,
     )
+
+
+def _validate_stage0_inputs(cfg: RunConfig, dtype: torch.dtype) -> Timeline:
+    get_vae_config(cfg.vae_preset)
+    timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
+    if cfg.input_video is not None:
+        probe_video(cfg.input_video)
+    if cfg.vae_checkpoint is not None:
+        meta_vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=torch.device("meta"), dtype=dtype)
+        check_safetensors(meta_vae, cfg.vae_checkpoint)
+    return timeline
 
 
 def _meta_dit(dit: DiTConfig) -> CausalWanDiT:
     return CausalWanDiT(dit, device=torch.device("meta"), dtype=torch.float32, attn_backend="math")
 
 
-def build_generator(run: ValidatedRun) -> GeneratorRunner:
-    cfg = run.cfg
+def build_model(run: ValidatedRun) -> CausalWanDiT:
+    """The full (unsharded) DiT with checkpoint or seeded weights; TP shards it afterwards."""
     model = CausalWanDiT(run.dit, device=run.device, dtype=run.dtype, attn_backend=run.attn_backend)
-    if cfg.checkpoint is not None:
-        load_safetensors_into(model, cfg.checkpoint)
+    if run.cfg.checkpoint is not None:
+        load_safetensors_into(model, run.cfg.checkpoint)
     else:
-        model.init_weights(cfg.seed)
-    model.eval()
+        model.init_weights(run.cfg.seed)
+    return model.eval()
+
+
+def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> GeneratorRunner:
+    """Phase B for one rank: the (possibly already sharded) model, its caches, the scheduler.
+
+    The KV cache is sized from the model's local head count, so build it after sharding.
+    """
+    cfg = run.cfg
+    model = model if model is not None else build_model(run)
     if cfg.compile:
         # forward keeps the cache bookkeeping eager; forward_chunk is pure tensor math with
         # static shapes once the window is full (see CausalWanDiT.forward_chunk).

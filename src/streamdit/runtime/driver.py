@@ -77,6 +77,7 @@ def drive(
             faults.before_generator(k)
             calls_before = runner.calls_made
             latents = runner.run(inputs, ids)
+            faults.after_generator(k, latents)
             if check is not None:
                 check(ids, inputs, latents)
             sync(device)

@@ -7,10 +7,16 @@ plan at a named point; with no hooks set every point is inert.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import ConfigError
+from streamdit.runtime.plan import GeneratorInputs
 
 
 class InjectedFault(RuntimeError):
@@ -25,6 +31,14 @@ class FaultPlan:
     """Make Phase B issue this many calls beyond its plan (the plan assertion must fire)."""
     slow_chunk_ms: int = 0
     """Sleep this long after each chunk is written (gives signal tests a window)."""
+    mutate_weight_rank: int | None = None
+    """OM-12: this rank perturbs a replicated weight after sharding."""
+    perturb_input_rank: int | None = None
+    """OM-11: this worker perturbs the latents it received (receiver side)."""
+    backend_override: tuple[int, str] | None = None
+    """C-04: (rank, backend): that rank's `auto` resolves differently."""
+    dump_latents: Path | None = None
+    """Rank0 saves every chunk's generator output here as float32 .npy (equivalence tests)."""
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> FaultPlan:
@@ -32,11 +46,46 @@ class FaultPlan:
             crash_at_chunk=_int(cfg, "CRASH_AT_CHUNK"),
             extra_generator_calls=_int(cfg, "EXTRA_GENERATOR_CALLS") or 0,
             slow_chunk_ms=_int(cfg, "SLOW_CHUNK_MS") or 0,
+            mutate_weight_rank=_int(cfg, "MUTATE_WEIGHT_RANK"),
+            perturb_input_rank=_int(cfg, "PERTURB_INPUT_RANK"),
+            backend_override=_rank_value(cfg, "BACKEND_RANK"),
+            dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
     def before_generator(self, chunk_index: int) -> None:
         if self.crash_at_chunk is not None and chunk_index == self.crash_at_chunk:
             raise InjectedFault(f"injected crash at chunk {chunk_index} (STREAMDIT_TEST_CRASH_AT_CHUNK)")
+
+    def after_generator(self, chunk_index: int, latents: torch.Tensor) -> None:
+        if self.dump_latents is not None:
+            self.dump_latents.mkdir(parents=True, exist_ok=True)
+            np.save(self.dump_latents / f"chunk{chunk_index:04d}.npy", latents.float().cpu().numpy())
+
+    def effective_backend(self, resolved: str, rank: int) -> str:
+        if self.backend_override and self.backend_override[0] == rank:
+            return self.backend_override[1]
+        return resolved
+
+    def mutate_weights(self, model: torch.nn.Module, rank: int) -> None:
+        if self.mutate_weight_rank == rank:
+            param = model.get_parameter("head.modulation")  # replicated under TP
+            with torch.no_grad():
+                param.add_(1e-3)
+
+    def perturb_inputs(self, inputs: GeneratorInputs, rank: int) -> GeneratorInputs:
+        if self.perturb_input_rank != rank:
+            return inputs
+        return dataclasses.replace(inputs, latents=inputs.latents + 1e-3)
+
+
+def _rank_value(cfg: RunConfig, name: str) -> tuple[int, str] | None:
+    raw = cfg.hook(name)
+    if raw is None:
+        return None
+    rank, sep, value = raw.partition(":")
+    if not sep or not rank.isdigit() or not value:
+        raise ConfigError(f"STREAMDIT_TEST_{name}={raw!r} must be RANK:VALUE [field=STREAMDIT_TEST_{name}]")
+    return int(rank), value
 
 
 def _int(cfg: RunConfig, name: str) -> int | None:

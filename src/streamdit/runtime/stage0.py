@@ -82,8 +82,7 @@ class Stage0:
         init = chunk_index == 0 or ps.hard_cut
         if init:
             self._begin_epoch(bump=chunk_index > 0)
-        ids = ChunkIds(call_id=self.next_call_id, chunk_index=chunk_index, cache_epoch=self.cache_epoch)
-        self.next_call_id += 1
+        ids = ChunkIds(call_id=self.take_call_id(), chunk_index=chunk_index, cache_epoch=self.cache_epoch)
         embeds, updated = self._conditioning(ps)
         plan = PhasePlan.build(
             do_kv_recompute=self.cfg.kv_recompute and not init,
@@ -113,6 +112,11 @@ class Stage0:
         self.next_start_frame += self.cfg.frames_per_chunk
         transition = "start" if chunk_index == 0 else "hard" if init else "soft" if ps.soft_active else "none"
         return ids, inputs, ChunkNotes(prompt=ps.prompt, transition=transition)
+
+    def take_call_id(self) -> int:
+        """The next call_id: strictly increasing over every message rank0 sends, any action."""
+        self.next_call_id += 1
+        return self.next_call_id - 1
 
     def _begin_epoch(self, *, bump: bool) -> None:
         """Hard cut: new epoch, stream position 0, every rank0 cache and buffer cleared."""
