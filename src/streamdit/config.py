@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -247,6 +248,37 @@ class LaunchEnv:
             )
         except ValueError as exc:
             raise ConfigError(f"malformed launch environment: {exc} [field=RANK/WORLD_SIZE]") from exc
+
+
+def nccl_environment_defaults() -> dict[str, str]:
+    """NCCL / PyTorch settings every streamdit process runs with.
+
+    NVLink multicast (NVLS) stays off: on shared hosts it can take GPUs out of service. Async
+    error handling turns a failed NCCL collective into an exception instead of a hang.
+    """
+    return {
+        "NCCL_NVLS_ENABLE": "0",
+        "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+        "NVSHMEM_DISABLE_NVLS": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
+
+
+def apply_environment(values: Mapping[str, str]) -> list[str]:
+    """Set process environment variables (inherited by ranks we start); warn on overwrite.
+
+    The one place streamdit writes os.environ. Returns the names that changed.
+    """
+    changed = []
+    for key, value in values.items():
+        old = os.environ.get(key)
+        if old == value:
+            continue
+        if old is not None:
+            logging.getLogger(__name__).warning("overriding %s=%s with %s", key, old, value)
+        os.environ[key] = value
+        changed.append(key)
+    return changed
 
 
 def is_tty_allowed(environ: Mapping[str, str] | None = None) -> bool:

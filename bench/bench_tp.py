@@ -1,0 +1,188 @@
+"""Generator time per chunk at TP=1 and TP=2 in one run, plus time spent in collectives.
+
+One chunk = the recompute call + 4 denoising calls (steady state: window full), wan-14b,
+320x576, bf16. TP=1 runs on GPU 0 alone first; then both ranks shard the same seeded model with
+`parallel.tp.apply_tp` and run the chunk in lockstep (NCCL, functional all-reduces). Collective
+time is read from the profiler's NCCL kernels on rank 0. Variants: eager, compile
+(`forward_chunk` compiled on every rank).
+
+    python bench/bench_tp.py --out bench/results/tp_wan14b_h200x2.json
+
+Sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 for its ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import socket
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from streamdit.config import LaunchEnv, apply_environment, nccl_environment_defaults
+from streamdit.model.attention import resolve_attention_backend
+from streamdit.model.dit import CausalWanDiT
+from streamdit.model.kv_cache import CrossAttnCache, KVCache
+from streamdit.model.presets import get_dit_config
+from streamdit.parallel.groups import destroy_groups, init_groups
+from streamdit.parallel.tp import apply_tp, tp_collectives_per_call
+
+F = 3  # latent frames per chunk
+
+
+def build(args: argparse.Namespace, device: torch.device) -> CausalWanDiT:
+    cfg = get_dit_config(args.preset)
+    backend = resolve_attention_backend("auto", device, torch.bfloat16)
+    model = CausalWanDiT(cfg, device=device, dtype=torch.bfloat16, attn_backend=backend)
+    model.init_weights(args.seed)
+    return model.eval()
+
+
+@torch.no_grad()
+def chunk_ms(model: CausalWanDiT, args: argparse.Namespace, device: torch.device, profile: bool) -> dict:
+    """Median ms of one steady-state chunk (recompute + 4 denoise calls) and NCCL kernel ms."""
+    cfg = model.cfg
+    heads = model.blocks[0].self_attn.q.weight.shape[0] // cfg.head_dim
+    tpf = (args.height // 16) * (args.width // 16)
+    kv = KVCache(
+        num_layers=cfg.num_layers,
+        batch=1,
+        heads=heads,
+        head_dim=cfg.head_dim,
+        tokens_per_frame=tpf,
+        capacity_frames=2 * F,
+        dtype=torch.bfloat16,
+        device=device,
+    )
+    cross = CrossAttnCache(cfg.num_layers)
+    gen = torch.Generator(device=device).manual_seed(1)
+    shape = (1, F, 16, args.height // 8, args.width // 8)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    ctx = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+    x = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+
+    def chunk() -> None:
+        kv.reset()
+        model(ctx, torch.zeros(1, device=device), text, kv_cache=kv, cross_cache=cross, start_frame=F)
+        for t in (1000.0, 937.5, 833.3, 625.0):
+            step = torch.full((1,), t, device=device)
+            model(x, step, text, kv_cache=kv, cross_cache=cross, start_frame=2 * F)
+
+    for _ in range(args.warmup):
+        chunk()
+    torch.cuda.synchronize(device)
+    times = []
+    for _ in range(args.iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        chunk()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    out = {"chunk_ms_median": statistics.median(times), "chunk_ms_min": min(times), "iters": len(times)}
+    if profile:
+        out.update(nccl_ms_per_chunk(chunk, device))
+    return out
+
+
+def nccl_ms_per_chunk(chunk, device: torch.device, reps: int = 2) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            chunk()
+        torch.cuda.synchronize(device)
+    nccl_us, count = 0.0, 0
+    for evt in prof.key_averages():
+        if "nccl" in evt.key.lower() and "kernel" in evt.key.lower():
+            nccl_us += getattr(evt, "self_device_time_total", 0) or 0
+            count += evt.count
+    return {"nccl_kernel_ms_per_chunk": nccl_us / 1e3 / reps, "nccl_kernels_per_chunk": count // reps}
+
+
+def run_variant(variant: str, rank: int, groups, args: argparse.Namespace, device: torch.device) -> dict:
+    row: dict = {"variant": variant}
+    if rank == 0:
+        full = build(args, device)
+        if variant == "compile":
+            full.forward_chunk = torch.compile(full.forward_chunk, fullgraph=True)
+        row["tp1"] = chunk_ms(full, args, device, profile=False)
+        del full
+        torch.cuda.empty_cache()
+    torch.distributed.barrier(group=groups.world.pg)
+    model = build(args, device)
+    apply_tp(model, groups.tp)
+    torch.cuda.empty_cache()
+    if variant == "compile":
+        model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
+    row["tp2"] = chunk_ms(model, args, device, profile=rank == 0)
+    del model
+    torch.cuda.empty_cache()
+    if rank == 0:
+        row["speedup"] = row["tp1"]["chunk_ms_median"] / row["tp2"]["chunk_ms_median"]
+        print(json.dumps(row), flush=True)
+    return row
+
+
+def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
+    launch = LaunchEnv(rank=rank, world_size=world, local_rank=rank, master_port=port, launched=True)
+    device = torch.device("cuda", rank)
+    groups = init_groups(launch, device=device, timeout_s=600)
+    results: dict = {"variants": []}
+    try:
+        for variant in args.variants.split(","):
+            try:
+                row = run_variant(variant, rank, groups, args, device)
+            except Exception as exc:  # a failed variant (e.g. a compile error) is a result too
+                row = {"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+                print(json.dumps(row), flush=True)
+            results["variants"].append(row)
+            torch.distributed.barrier(group=groups.world.pg)
+        if rank == 0:
+            cfg = get_dit_config(args.preset)
+            results.update(
+                {
+                    "bench": "tp_generator",
+                    "command": shlex.join([sys.executable, *sys.argv]),
+                    "device_name": torch.cuda.get_device_name(device),
+                    "torch": torch.__version__,
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+                    "preset": args.preset,
+                    "geometry": [args.height, args.width],
+                    "dtype": "bfloat16",
+                    "calls_per_chunk": 5,
+                    "collectives_per_call": tp_collectives_per_call(cfg),
+                }
+            )
+            Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    finally:
+        destroy_groups(groups)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="wan-14b")
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=576)
+    p.add_argument("--variants", default="eager,compile")
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    apply_environment(nccl_environment_defaults())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(rank_main, args=(2, port, args, args.out), nprocs=2, start_method="spawn", join=True)
+    print(Path(args.out).read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

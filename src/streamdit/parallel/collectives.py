@@ -1,0 +1,61 @@
+"""Collective wrappers: every call names its group handle AND the group its caller may use.
+
+Owns: `check_group` (OM-08: a TP collective issued on the world group raises GroupError before
+the backend is called), `all_reduce_sum` (functional collective: returns a new tensor and traces
+under torch.compile), `all_gather_int64` and `all_gather_bytes` (fixed-size tensors, no pickle:
+used by the parity handshake and the drift digests). Imports torch and streamdit.errors only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+
+from streamdit.errors import GroupError
+from streamdit.parallel.groups import GroupHandle
+
+MAX_GATHER_BYTES = 1 << 16
+
+
+def check_group(handle: GroupHandle, allowed: str) -> None:
+    if handle.name != allowed:
+        raise GroupError(
+            f"collective issued on group {handle.name!r}, caller may only use {allowed!r}",
+            field="group",
+            group=handle.name,
+        )
+
+
+def all_reduce_sum(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> torch.Tensor:
+    check_group(handle, allowed)
+    return funcol.all_reduce(t, "sum", handle.pg)
+
+
+def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) -> list[list[int]]:
+    """Every rank's list of ints (all lists must have the same length)."""
+    check_group(handle, allowed)
+    mine = torch.tensor(values, dtype=torch.int64, device=handle.device)
+    out = [torch.empty_like(mine) for _ in range(handle.size)]
+    dist.all_gather(out, mine, group=handle.pg)
+    return [t.tolist() for t in out]
+
+
+def all_gather_bytes(
+    data: bytes, handle: GroupHandle, *, allowed: str, max_bytes: int = MAX_GATHER_BYTES
+) -> list[bytes]:
+    """Every rank's bytes: lengths first, then payloads padded to the longest."""
+    check_group(handle, allowed)
+    if len(data) > max_bytes:
+        raise GroupError(f"gather of {len(data)} bytes exceeds {max_bytes}", field="bytes", group=handle.name)
+    lengths = [row[0] for row in all_gather_int64([len(data)], handle, allowed=allowed)]
+    longest = max(lengths)
+    if longest > max_bytes:
+        raise GroupError(f"a peer offers {longest} bytes > {max_bytes}", field="bytes", group=handle.name)
+    buf = torch.zeros(max(longest, 1), dtype=torch.uint8)
+    if data:
+        buf[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    buf = buf.to(handle.device)
+    out = [torch.empty_like(buf) for _ in range(handle.size)]
+    dist.all_gather(out, buf, group=handle.pg)
+    return [bytes(t[:n].cpu().tolist()) for t, n in zip(out, lengths, strict=True)]

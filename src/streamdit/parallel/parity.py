@@ -1,0 +1,91 @@
+"""Startup parity handshake, weight fingerprints and tensor digests (drift detection).
+
+Owns: `handshake(items, handle)` — every rank gathers every rank's parity keys (canonical JSON,
+no pickle) and, on any difference, EVERY rank raises `ParityError` with a per-key table, before
+any inference (OM-04, OM-05, C-01, C-04); `tensor_digest` (a stable 63-bit digest of a tensor's
+bytes, dtype and shape); `check_replicated_fingerprints` (OM-12: parameters TP does not shard
+must be bit-identical on every rank; the sharded ones must differ). Imports torch,
+streamdit.errors and streamdit.parallel only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import torch
+from torch import nn
+
+from streamdit.errors import ParityError
+from streamdit.parallel.collectives import all_gather_bytes, all_gather_int64
+from streamdit.parallel.groups import GroupHandle
+from streamdit.parallel.tp import style_of
+
+MISSING = "<missing>"
+
+
+def handshake(items: dict[str, str], handle: GroupHandle, *, allowed: str, log: logging.Logger) -> None:
+    blob = json.dumps(items, sort_keys=True, separators=(",", ":")).encode()
+    every = [json.loads(b) for b in all_gather_bytes(blob, handle, allowed=allowed)]
+    keys = sorted({k for d in every for k in d})
+    diff = [k for k in keys if len({d.get(k, MISSING) for d in every}) > 1]
+    if not diff:
+        log.info("parity handshake ok: %d keys equal on %d ranks", len(keys), handle.size)
+        return
+    table = diff_table(diff, every)
+    log.error("parity handshake FAILED on group %s:\n%s", handle.name, table)
+    raise ParityError(f"startup parity mismatch in {diff} across {handle.size} ranks:\n{table}")
+
+
+def diff_table(keys: list[str], every: list[dict[str, str]]) -> str:
+    header = ["key", *(f"rank{r}" for r in range(len(every)))]
+    rows = [[k, *(str(d.get(k, MISSING)) for d in every)] for k in keys]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return "\n".join(
+        " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [header, *rows]
+    )
+
+
+def tensor_digest(t: torch.Tensor) -> int:
+    """Digest of dtype, shape and bytes (for drift detection, not security)."""
+    data = t.detach().contiguous().cpu()
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{data.dtype}{tuple(data.shape)}".encode())
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def fingerprints(model: nn.Module) -> dict[str, int]:
+    """One digest over the replicated parameters and one over the sharded ones."""
+    parts: dict[str, hashlib.blake2b] = {
+        "replicated": hashlib.blake2b(digest_size=8),
+        "sharded": hashlib.blake2b(digest_size=8),
+    }
+    for name, param in model.named_parameters():
+        module_path, _, leaf = name.rpartition(".")
+        style = style_of(module_path)
+        if style == "rowwise" and leaf == "bias":
+            continue  # zero on ranks > 0 by design: neither replicated nor a shard
+        part = "replicated" if style is None else "sharded"
+        parts[part].update(name.encode() + tensor_digest(param).to_bytes(8, "little"))
+    return {k: int.from_bytes(h.digest(), "little") >> 1 for k, h in parts.items()}
+
+
+def check_replicated_fingerprints(
+    model: nn.Module, handle: GroupHandle, *, allowed: str, log: logging.Logger
+) -> None:
+    """OM-12: replicated weights equal everywhere, shards distinct; fail on every rank otherwise.
+
+    Row-parallel biases are zeroed on ranks > 0 by design, so they are left out of both sets.
+    """
+    mine = fingerprints(model)
+    every = all_gather_int64([mine["replicated"], mine["sharded"]], handle, allowed=allowed)
+    log.info("fingerprints rank %d: replicated=%016x sharded=%016x", handle.rank, *every[handle.rank])
+    bad = [r for r, (rep, _) in enumerate(every) if rep != every[0][0]]
+    table = "; ".join(f"rank{r}: replicated={a:016x} sharded={b:016x}" for r, (a, b) in enumerate(every))
+    if bad:
+        raise ParityError(f"replicated-weight fingerprint differs on ranks {bad} vs rank 0: {table}")
+    shards = [s for _, s in every]
+    if handle.size > 1 and len(set(shards)) != len(shards):
+        raise ParityError(f"two ranks hold identical weight shards (sharding not applied?): {table}")

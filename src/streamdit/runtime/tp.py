@@ -1,0 +1,227 @@
+"""The `tp` topology: generator-only workers (TP v1.1).
+
+Owns: `run_tp(cfg, launch, stop)`. Every rank joins the process groups, runs the startup parity
+handshake (every parity key, the effective attention backend, versions), builds the full DiT,
+shards it (`parallel.tp.apply_tp`) and checks replicated-weight fingerprints — all before any
+inference. Then:
+
+- rank0 runs the shared chunk loop (`driver.drive`) with Phase A and C, broadcasting one
+  `TPEnvelopeV1` per chunk before running its own shard; it ends the stream with `SHUTDOWN`
+  (or `ERROR` when it fails, so workers exit at once instead of waiting out a timeout);
+- workers construct no text encoder, no VAE and no writer: they loop on the broadcast channel
+  and run Phase B only, exactly as the envelope says.
+
+Drift tripwires (both parity keys): input digests of what each rank acts on, compared before
+Phase B every `input_digest_every` chunks; output digests every `output_digest_every` chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+
+from streamdit.config import LaunchEnv, RunConfig
+from streamdit.errors import EXIT_PEER_ABORT, DriftError, StreamditError
+from streamdit.parallel.collectives import all_gather_int64
+from streamdit.parallel.groups import Groups, destroy_groups, init_groups
+from streamdit.parallel.parity import check_replicated_fingerprints, handshake, tensor_digest
+from streamdit.parallel.tp import apply_tp
+from streamdit.protocol.channel import BroadcastChannel
+from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
+from streamdit.protocol.messages import TPEnvelopeV1
+from streamdit.runtime.build import ValidatedRun, build_generator, build_model, validate_run
+from streamdit.runtime.driver import RunSummary, drive
+from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.flight import FlightRecorder
+from streamdit.runtime.generator import GeneratorRunner
+from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
+from streamdit.runtime.single import build_stage0
+
+log = logging.getLogger(__name__)
+TP_PLAN = "generator_only"
+
+
+class PeerAbort(StreamditError):
+    """rank0 announced a failure with an ERROR action; the worker exits without computing."""
+
+    exit_code = EXIT_PEER_ABORT
+
+
+def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
+    """One rank of a TP job; returns rank0's summary, None on workers."""
+    run = validate_run(cfg, generator_only=launch.rank != 0)
+    if run.device.type == "cuda":
+        run = dataclasses.replace(run, device=torch.device("cuda", launch.local_rank))
+    faults = FaultPlan.from_config(cfg)
+    run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
+    groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s)
+    try:
+        handshake(_parity_items(run, groups), groups.world, allowed="world", log=log)
+        model = build_model(run)
+        apply_tp(model, groups.tp)
+        faults.mutate_weights(model, groups.global_rank)
+        check_replicated_fingerprints(model, groups.tp, allowed="tp", log=log)
+        runner = build_generator(run, model)
+        runner.extra_calls = faults.extra_generator_calls
+        flight = FlightRecorder(label=f"rank{groups.global_rank}")
+        channel = BroadcastChannel(
+            groups.world.pg,
+            0,
+            device=run.device,
+            role="rank0" if launch.rank == 0 else "worker",
+            group_name="world",
+            kinds=frozenset({Kind.TP_ENVELOPE}),
+            observer=flight,
+        )
+        tripwires = Tripwires(cfg, groups)
+        if launch.rank == 0:
+            return _rank0(run, runner, channel, tripwires, faults, stop)
+        _worker(runner, channel, tripwires, faults, groups.global_rank)
+        return None
+    finally:
+        destroy_groups(groups)
+
+
+def _parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
+    items = run.cfg.parity_items()
+    items.update(
+        {
+            "world_size": str(groups.world_size),
+            "protocol_version": str(PROTOCOL_VERSION),
+            "tp_plan": TP_PLAN,
+            "tp_envelope_version": "1",
+            "effective_attn_backend": run.attn_backend,
+            "torch": torch.__version__,
+            "dist_backend": groups.backend,
+        }
+    )
+    return items
+
+
+class Tripwires:
+    """Input and output digest parity across the TP group (protocol.md §10)."""
+
+    def __init__(self, cfg: RunConfig, groups: Groups) -> None:
+        self.input_every = cfg.input_digest_every
+        self.output_every = cfg.output_digest_every
+        self.groups = groups
+
+    def inputs(self, ids: ChunkIds, inputs: GeneratorInputs) -> None:
+        if self.input_every and ids.chunk_index % self.input_every == 0:
+            self._compare("input", ids, [_field_digest(inputs, name) for name in GENERATOR_INPUT_FIELDS])
+
+    def output(self, ids: ChunkIds, latents: torch.Tensor) -> None:
+        if self.output_every and ids.chunk_index % self.output_every == 0:
+            self._compare("output", ids, [tensor_digest(latents)])
+
+    def _compare(self, what: str, ids: ChunkIds, mine: list[int]) -> None:
+        every = all_gather_int64(mine, self.groups.tp, allowed="tp")
+        bad = [r for r, theirs in enumerate(every) if theirs != every[0]]
+        if not bad:
+            return
+        names = GENERATOR_INPUT_FIELDS if what == "input" else ("latents_out",)
+        fields = sorted(
+            {names[i] for r in bad for i, (a, b) in enumerate(zip(every[0], every[r], strict=True)) if a != b}
+        )
+        table = "; ".join(f"rank{r}: " + ",".join(f"{v:016x}" for v in d) for r, d in enumerate(every))
+        raise DriftError(
+            f"{what} digest mismatch on ranks {bad} vs rank 0 (fields {fields}); {table}",
+            field=fields[0] if fields else what,
+            group="tp",
+            **ids.as_kwargs(),
+        )
+
+
+def _field_digest(inputs: GeneratorInputs, name: str) -> int:
+    value = getattr(inputs, name)
+    if isinstance(value, torch.Tensor):
+        return tensor_digest(value)
+    return tensor_digest(torch.tensor([float(value if value is not None else -1)], dtype=torch.float64))
+
+
+def _envelope(
+    action: Action, ids: ChunkIds, inputs: GeneratorInputs | None = None, **extra: object
+) -> TPEnvelopeV1:
+    payload = {n: getattr(inputs, n) for n in GENERATOR_INPUT_FIELDS} if inputs is not None else {}
+    plan = {"tp_plan": TP_PLAN, "tp_envelope_version": 1} if inputs is not None else {}
+    return TPEnvelopeV1(
+        action=action,
+        call_id=ids.call_id,
+        chunk_index=ids.chunk_index,
+        cache_epoch=ids.cache_epoch,
+        **plan,
+        **payload,
+        **extra,
+    )
+
+
+def _rank0(
+    run: ValidatedRun,
+    runner: GeneratorRunner,
+    channel: BroadcastChannel,
+    tripwires: Tripwires,
+    faults: FaultPlan,
+    stop: StopFlag,
+) -> RunSummary:
+    stage0, chunks = build_stage0(run)
+
+    def publish(ids: ChunkIds, inputs: GeneratorInputs) -> None:
+        channel.send(_envelope(Action.INFER, ids, inputs))
+        tripwires.inputs(ids, inputs)
+
+    def check(ids: ChunkIds, inputs: GeneratorInputs, latents: torch.Tensor) -> None:
+        tripwires.output(ids, latents)
+
+    try:
+        summary = drive(
+            run.cfg,
+            chunks=chunks,
+            stage0=stage0,
+            runner=runner,
+            device=run.device,
+            faults=faults,
+            stop=stop,
+            publish=publish,
+            check=check,
+        )
+    except BaseException as exc:
+        _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, f"{type(exc).__name__}")
+        raise
+    _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
+    return summary
+
+
+def _terminal(
+    channel: BroadcastChannel, call_id: int, epoch: int, action: Action, reason: str | None
+) -> None:
+    """Tell workers the stream ended, unless the channel is already unusable (then they time out)."""
+    if channel.broken is not None:
+        return
+    ids = ChunkIds(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
+    extra = {"reason": reason[:200]} if reason else {}
+    try:
+        channel.send(_envelope(action, ids, **extra))
+    except StreamditError as exc:  # best effort: the original error is what matters
+        log.error("could not send %s to workers: %s", action.name, exc)
+
+
+def _worker(
+    runner: GeneratorRunner, channel: BroadcastChannel, tripwires: Tripwires, faults: FaultPlan, rank: int
+) -> None:
+    while True:
+        msg = channel.recv()
+        if msg.action is Action.NOOP:
+            continue
+        if msg.action is Action.SHUTDOWN:
+            log.info("worker rank %d: SHUTDOWN at call_id=%d", rank, msg.call_id)
+            return
+        ids = ChunkIds(call_id=msg.call_id, chunk_index=msg.chunk_index, cache_epoch=msg.cache_epoch)
+        if msg.action is Action.ERROR:
+            raise PeerAbort(f"rank0 aborted the stream ({msg.reason}) at call_id={msg.call_id}")
+        inputs = faults.perturb_inputs(GeneratorInputs(**msg.payload()), rank)
+        tripwires.inputs(ids, inputs)
+        latents = runner.run(inputs, ids)
+        tripwires.output(ids, latents)

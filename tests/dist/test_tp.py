@@ -1,0 +1,242 @@
+"""The `tp` topology end to end on CPU/gloo, launched the way users launch it.
+
+- Equivalence: `streamdit run --topology tp --nproc N` (torch's elastic launcher) for N = 2, 4
+  matches the single-process run within 1e-4 on the generator output, over 6 chunks with a soft
+  transition, a hard cut and KV recompute on; only rank0 writes video and metrics.
+- Break-it rows, each asserting which rank failed, how, with which ids, and that every rank
+  exited within the bound: ranks started with different flags (OM-04 / OM-05 / bad input across
+  ranks), a perturbed input on one worker (OM-11), a mutated replicated weight (OM-12), an
+  `auto` backend that resolves differently (C-04).
+Ranks for the break-it rows are started as torchrun would (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT) so each can get its own flags; every process group is killed on exit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+GEOM = ["--height", "32", "--width", "48"]
+BOUND_S = 30.0  # every rank must be gone this long after start (short PG timeouts below)
+TIMELINE = (
+    '{"entries": [{"chunk": 0, "prompt": "a fox"}, {"chunk": 2, "prompt": "a fox at night", '
+    '"transition": "soft"}, {"chunk": 4, "prompt": "a harbour", "transition": "hard"}]}'
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMDIT_TEST_")}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def _latents(path: Path) -> list[np.ndarray]:
+    return [np.load(p) for p in sorted(path.glob("chunk*.npy"))]
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
+    tmp = tmp_path_factory.mktemp("single")
+    (tmp / "tl.json").write_text(TIMELINE)
+    dump = tmp / "lat"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamdit",
+        "run",
+        *GEOM,
+        "--chunks",
+        "6",
+        "--timeline",
+        str(tmp / "tl.json"),
+        "--out",
+        str(tmp / "v.npy"),
+        "--no-progress",
+    ]
+    proc = subprocess.run(
+        cmd, env=_env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "v.npy", _latents(dump)
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> None:
+    (tmp_path / "tl.json").write_text(TIMELINE)
+    dump, out, metrics = tmp_path / "lat", tmp_path / "v.npy", tmp_path / "m.jsonl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamdit",
+        "run",
+        "--topology",
+        "tp",
+        "--nproc",
+        str(nproc),
+        *GEOM,
+        "--chunks",
+        "6",
+        "--timeline",
+        str(tmp_path / "tl.json"),
+        "--out",
+        str(out),
+        "--metrics",
+        str(metrics),
+        "--no-progress",
+        "--dist-timeout",
+        "20",
+    ]
+    proc = subprocess.run(
+        cmd,
+        env=_env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)),
+        capture_output=True,
+        text=True,
+        timeout=150,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ref_video, ref_latents = single_run
+    got = _latents(dump)
+    assert len(got) == len(ref_latents) == 6
+    for k, (a, b) in enumerate(zip(got, ref_latents, strict=True)):
+        assert np.abs(a - b).max() <= 1e-4, f"chunk {k}: max abs diff {np.abs(a - b).max()}"
+    frames_tp, frames_single = np.load(out), np.load(ref_video)
+    assert frames_tp.shape == frames_single.shape
+    assert np.abs(frames_tp.astype(int) - frames_single.astype(int)).max() <= 1  # uint8 rounding
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["cache_epoch"] for r in rows] == [0, 0, 0, 0, 1, 1]
+    assert [r["generator_calls"] for r in rows] == [4, 5, 5, 5, 4, 5]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat", "m.jsonl", "tl.json", "v.npy"]  # rank0 only
+
+
+@dataclass
+class Outcome:
+    rank: int
+    code: int
+    seconds: float
+    log: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(
+    flags: list[list[str]],
+    hooks: dict[str, str] | None = None,
+    *,
+    per_rank: dict[int, dict[str, str]] | None = None,
+) -> list[Outcome]:
+    """Start one process per rank with a torchrun-compatible env; kill every group on exit.
+
+    `hooks` go to every rank; `per_rank` adds variables to single ranks only.
+    """
+    port, world = _free_port(), len(flags)
+    procs, t0 = [], time.monotonic()
+    for rank, extra in enumerate(flags):
+        env = _env(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            **(hooks or {}),
+            **(per_rank or {}).get(rank, {}),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamdit",
+            "run",
+            "--topology",
+            "tp",
+            *GEOM,
+            "--chunks",
+            "3",
+            "--out",
+            f"/tmp/streamdit-tp-{port}.npy",
+            "--no-progress",
+            "--dist-timeout",
+            "10",
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    outcomes = []
+    try:
+        for rank, p in enumerate(procs):
+            left = max(1.0, BOUND_S + 30 - (time.monotonic() - t0))
+            out, _ = p.communicate(timeout=left)
+            outcomes.append(Outcome(rank, p.returncode, time.monotonic() - t0, out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        Path(f"/tmp/streamdit-tp-{port}.npy").unlink(missing_ok=True)
+    return outcomes
+
+
+def _all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None:
+    for o in outcomes:
+        assert o.code != 0, f"rank {o.rank} exited 0:\n{o.log[-3000:]}"
+        assert o.seconds < BOUND_S, f"rank {o.rank} took {o.seconds:.1f}s"
+        assert error in o.log, f"rank {o.rank} lacks {error}:\n{o.log[-3000:]}"
+        for needle in needles:
+            assert needle in o.log, f"rank {o.rank} lacks {needle!r}:\n{o.log[-3000:]}"
+
+
+@pytest.mark.parametrize(
+    ("rank1_flags", "key"),
+    [
+        (["--steps", "3"], "denoising_step_list"),  # bad input across ranks
+        (["--preset", "wan-1.3b"], "preset"),  # OM-04: a different model on one rank
+        (["--input-digest-every", "0"], "input_digest_every"),  # OM-05: a flag gating a collective
+    ],
+    ids=["steps", "preset", "digest-flag"],
+)
+def test_rank_flag_mismatch_fails_every_rank_with_the_table(rank1_flags: list[str], key: str) -> None:
+    outcomes = _spawn([[], rank1_flags])
+    _all_failed_fast(outcomes, "ParityError", key)
+
+
+def test_test_hook_on_one_rank_only_is_a_parity_failure() -> None:
+    outcomes = _spawn([[], []], per_rank={1: {"STREAMDIT_TEST_SLOW_CHUNK_MS": "5"}})
+    _all_failed_fast(outcomes, "ParityError", "STREAMDIT_TEST_SLOW_CHUNK_MS")
+
+
+def test_om11_perturbed_input_on_a_worker_trips_the_input_digest() -> None:
+    outcomes = _spawn([[], []], {"STREAMDIT_TEST_PERTURB_INPUT_RANK": "1"})
+    _all_failed_fast(outcomes, "DriftError", "input digest mismatch on ranks [1]", "latents", "chunk_index=0")
+
+
+def test_om12_mutated_replicated_weight_trips_the_fingerprint_check() -> None:
+    outcomes = _spawn([[], []], {"STREAMDIT_TEST_MUTATE_WEIGHT_RANK": "1"})
+    _all_failed_fast(outcomes, "ParityError", "fingerprint")
+
+
+def test_c04_auto_backend_resolving_differently_fails_at_startup() -> None:
+    outcomes = _spawn([[], []], {"STREAMDIT_TEST_BACKEND_RANK": "1:efficient"})
+    _all_failed_fast(outcomes, "ParityError", "effective_attn_backend")
