@@ -120,7 +120,8 @@ def run_variant(variant: str, rank: int, groups, args: argparse.Namespace, devic
     torch.cuda.empty_cache()
     if variant == "compile":
         model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
-    row["tp2"] = chunk_ms(model, args, device, profile=rank == 0)
+    # every rank profiles: a collective-bearing chunk run on one rank only would hang the other
+    row["tp2"] = chunk_ms(model, args, device, profile=True)
     del model
     torch.cuda.empty_cache()
     if rank == 0:
