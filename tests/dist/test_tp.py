@@ -240,3 +240,25 @@ def test_om12_mutated_replicated_weight_trips_the_fingerprint_check() -> None:
 def test_c04_auto_backend_resolving_differently_fails_at_startup() -> None:
     outcomes = _spawn([[], []], {"STREAMDIT_TEST_BACKEND_RANK": "1:efficient"})
     _all_failed_fast(outcomes, "ParityError", "effective_attn_backend")
+
+
+def test_om03_inconsistent_plan_is_rejected_by_rank0_before_the_broadcast() -> None:
+    rank0, worker = _spawn([[], []], {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1"})
+    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert "PlanMismatchError" in rank0.log and "expected_generator_calls" in rank0.log
+    assert "chunk_index=1" in rank0.log
+    # the worker never saw the bad envelope: rank0 told it to stop with a terminal ERROR
+    assert worker.code == 5 and worker.seconds < BOUND_S, worker.log[-3000:]
+    assert "PeerAbort" in worker.log and "PlanMismatchError" in worker.log
+
+
+def test_om03_inconsistent_plan_forced_past_rank0_is_rejected_by_the_worker() -> None:
+    hooks = {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1", "STREAMDIT_TEST_SKIP_SENDER_VALIDATION": "1"}
+    outcomes = _spawn([[], []], hooks)
+    rank0, worker = outcomes
+    # the worker rejects from the meta alone, before allocating tensors or entering Phase B
+    assert worker.code != 0 and worker.seconds < BOUND_S, worker.log[-3000:]
+    assert "PlanMismatchError" in worker.log and "expected_generator_calls" in worker.log, worker.log[-3000:]
+    assert "chunk_index=1" in worker.log and "call_id=1" in worker.log, worker.log[-3000:]
+    # rank0 is then stranded in its next collective with a dead peer: it must fail, not hang
+    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]

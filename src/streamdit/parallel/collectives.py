@@ -1,9 +1,12 @@
 """Collective wrappers: every call names its group handle AND the group its caller may use.
 
-Owns: `check_group` (OM-08: a TP collective issued on the world group raises GroupError before
-the backend is called), `all_reduce_sum` (functional collective: returns a new tensor and traces
-under torch.compile), `all_gather_int64` and `all_gather_bytes` (fixed-size tensors, no pickle:
-used by the parity handshake and the drift digests). Imports torch and streamdit.errors only.
+Owns: `check_group` (OM-08: e.g. a TP collective issued on the world group raises GroupError
+before the backend is called, so the mistake is a local exception, not a cross-rank hang),
+`all_reduce_sum` (a functional collective: returns a new tensor and traces under torch.compile;
+checked to work eagerly on gloo/CPU with torch 2.13, so no gloo fallback is needed),
+`all_gather_int64` and `all_gather_bytes` (fixed-size tensors, no pickle: used by the parity
+handshake and the drift digests). No module-level groups: the handle is always an argument.
+Imports torch, streamdit.errors and streamdit.parallel only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ MAX_GATHER_BYTES = 1 << 16
 
 
 def check_group(handle: GroupHandle, allowed: str) -> None:
+    """Raise GroupError unless `handle` is the group named `allowed` (no backend call)."""
     if handle.name != allowed:
         raise GroupError(
             f"collective issued on group {handle.name!r}, caller may only use {allowed!r}",
@@ -28,12 +32,21 @@ def check_group(handle: GroupHandle, allowed: str) -> None:
 
 
 def all_reduce_sum(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> torch.Tensor:
+    """Sum of `t` over the group, as a new tensor (`t` is not modified).
+
+    Eagerly the result is an AsyncCollectiveTensor that waits on first use; under
+    torch.compile the collective is a graph node (no graph break, protocol.md §11).
+    """
     check_group(handle, allowed)
     return funcol.all_reduce(t, "sum", handle.pg)
 
 
 def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) -> list[list[int]]:
-    """Every rank's list of ints (all lists must have the same length)."""
+    """Every rank's list of ints, indexed by group rank.
+
+    Every rank must pass a list of the same length (callers gather fixed-layout records such as
+    digests and counters); values must fit int64.
+    """
     check_group(handle, allowed)
     mine = torch.tensor(values, dtype=torch.int64, device=handle.device)
     out = [torch.empty_like(mine) for _ in range(handle.size)]
@@ -44,7 +57,12 @@ def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) ->
 def all_gather_bytes(
     data: bytes, handle: GroupHandle, *, allowed: str, max_bytes: int = MAX_GATHER_BYTES
 ) -> list[bytes]:
-    """Every rank's bytes: lengths first, then payloads padded to the longest."""
+    """Every rank's bytes, indexed by group rank: lengths first, then payloads padded to the longest.
+
+    A payload over `max_bytes` is refused before any collective; a peer announcing one makes
+    every rank raise after the length gather (all ranks see the same lengths, so none is left
+    waiting in the payload gather).
+    """
     check_group(handle, allowed)
     if len(data) > max_bytes:
         raise GroupError(f"gather of {len(data)} bytes exceeds {max_bytes}", field="bytes", group=handle.name)
@@ -58,4 +76,4 @@ def all_gather_bytes(
     buf = buf.to(handle.device)
     out = [torch.empty_like(buf) for _ in range(handle.size)]
     dist.all_gather(out, buf, group=handle.pg)
-    return [bytes(t[:n].cpu().tolist()) for t, n in zip(out, lengths, strict=True)]
+    return [t[:n].cpu().numpy().tobytes() for t, n in zip(out, lengths, strict=True)]

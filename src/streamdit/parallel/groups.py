@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from streamdit.config import LaunchEnv, apply_environment, nccl_environment_defaults
+from streamdit.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +42,25 @@ class Groups:
 
 
 def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float) -> Groups:
-    """Join the job's process group and create the TP group (= all ranks for `tp`)."""
+    """Join the job's process group and create the TP group (= all ranks for `tp`).
+
+    gloo for a CPU `device`, NCCL for CUDA. On CUDA an index-less device becomes
+    `cuda:LOCAL_RANK` and is made current BEFORE the process group exists (NCCL binds its
+    communicator to the current device). The NCCL environment defaults (NVLS off, async error
+    handling on) are applied through `config.apply_environment`, the one writer of os.environ.
+    Every collective of either group gives up after `timeout_s`.
+    """
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if not 0 <= launch.rank < launch.world_size:
+        raise ConfigError(f"rank {launch.rank} outside world of {launch.world_size} [field=RANK]")
+    if timeout_s <= 0:
+        raise ConfigError(f"dist timeout must be > 0 s, got {timeout_s} [field=dist_timeout_s]")
     if backend == "nccl":
-        apply_environment(nccl_environment_defaults())
+        if device.index is None:
+            device = torch.device("cuda", launch.local_rank)
+        changed = apply_environment(nccl_environment_defaults())
+        if changed:
+            log.info("NCCL environment set: %s", ", ".join(changed))
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
     dist.init_process_group(

@@ -18,15 +18,24 @@ import torch
 from torch import nn
 
 from streamdit.errors import ParityError
-from streamdit.parallel.collectives import all_gather_bytes, all_gather_int64
+from streamdit.parallel.collectives import MAX_GATHER_BYTES, all_gather_bytes, all_gather_int64
 from streamdit.parallel.groups import GroupHandle
-from streamdit.parallel.tp import style_of
+from streamdit.parallel.tp_plan import ROWWISE, style_of
 
 MISSING = "<missing>"
+LOCAL_ERROR = "<local-error>"  # a rank whose items cannot be offered still joins the gather
 
 
 def handshake(items: dict[str, str], handle: GroupHandle, *, allowed: str, log: logging.Logger) -> None:
-    blob = json.dumps(items, sort_keys=True, separators=(",", ":")).encode()
+    """Compare every rank's parity items; on any difference raise ParityError on EVERY rank.
+
+    Call before any inference, on the group every rank of the job belongs to. Keys and values
+    are compared as strings (canonical JSON, sorted keys, no pickle). The error message and the
+    log carry a table of the differing keys only (a key absent on a rank shows `<missing>`).
+    A rank whose items cannot be sent (too large) still takes part with a one-key marker, so
+    its peers fail at once instead of waiting out the timeout.
+    """
+    blob = _encode_items(items)
     every = [json.loads(b) for b in all_gather_bytes(blob, handle, allowed=allowed)]
     keys = sorted({k for d in every for k in d})
     diff = [k for k in keys if len({d.get(k, MISSING) for d in every}) > 1]
@@ -36,6 +45,13 @@ def handshake(items: dict[str, str], handle: GroupHandle, *, allowed: str, log: 
     table = diff_table(diff, every)
     log.error("parity handshake FAILED on group %s:\n%s", handle.name, table)
     raise ParityError(f"startup parity mismatch in {diff} across {handle.size} ranks:\n{table}")
+
+
+def _encode_items(items: dict[str, str]) -> bytes:
+    blob = json.dumps({str(k): str(v) for k, v in items.items()}, sort_keys=True, separators=(",", ":"))
+    if len(blob.encode()) > MAX_GATHER_BYTES:
+        blob = json.dumps({LOCAL_ERROR: f"parity items are {len(blob.encode())} bytes > {MAX_GATHER_BYTES}"})
+    return blob.encode()
 
 
 def diff_table(keys: list[str], every: list[dict[str, str]]) -> str:
@@ -48,7 +64,12 @@ def diff_table(keys: list[str], every: list[dict[str, str]]) -> str:
 
 
 def tensor_digest(t: torch.Tensor) -> int:
-    """Digest of dtype, shape and bytes (for drift detection, not security)."""
+    """A stable 63-bit digest of a tensor's dtype, shape and bytes (blake2b over a CPU copy).
+
+    For drift detection (ranks comparing what they act on / produce), not security. Bit-exact:
+    -0.0 vs 0.0 or two NaN payloads differ. Copies the tensor to the CPU, so call it on the
+    sampled tripwire path only. Fits a signed int64 for `all_gather_int64`.
+    """
     data = t.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=8)
     h.update(f"{data.dtype}{tuple(data.shape)}".encode())
@@ -65,7 +86,7 @@ def fingerprints(model: nn.Module) -> dict[str, int]:
     for name, param in model.named_parameters():
         module_path, _, leaf = name.rpartition(".")
         style = style_of(module_path)
-        if style == "rowwise" and leaf == "bias":
+        if style == ROWWISE and leaf == "bias":
             continue  # zero on ranks > 0 by design: neither replicated nor a shard
         part = "replicated" if style is None else "sharded"
         parts[part].update(name.encode() + tensor_digest(param).to_bytes(8, "little"))
@@ -85,7 +106,10 @@ def check_replicated_fingerprints(
     bad = [r for r, (rep, _) in enumerate(every) if rep != every[0][0]]
     table = "; ".join(f"rank{r}: replicated={a:016x} sharded={b:016x}" for r, (a, b) in enumerate(every))
     if bad:
+        log.error("replicated-weight fingerprint mismatch on group %s: %s", handle.name, table)
         raise ParityError(f"replicated-weight fingerprint differs on ranks {bad} vs rank 0: {table}")
     shards = [s for _, s in every]
-    if handle.size > 1 and len(set(shards)) != len(shards):
-        raise ParityError(f"two ranks hold identical weight shards (sharding not applied?): {table}")
+    twins = sorted({r for r, s in enumerate(shards) if shards.count(s) > 1})
+    if handle.size > 1 and twins:
+        log.error("identical weight shards on ranks %s of group %s: %s", twins, handle.name, table)
+        raise ParityError(f"ranks {twins} hold identical weight shards (sharding not applied?): {table}")

@@ -1,7 +1,7 @@
 """Megatron-style tensor parallelism of the DiT, applied from outside the model (gpt-fast style).
 
-Owns: the sharding plan as data (`TP_PLAN`: module-path pattern → style) and `apply_tp(model,
-handle)`, which slices weights in place and installs the collectives:
+Owns: `apply_tp(model, handle)`, which slices weights in place by the plan of `tp_plan.py` and
+installs the collectives, and `tp_collectives_per_call` (the benchmark's collective count):
 
 | style    | modules                                             | what happens                     |
 |----------|-----------------------------------------------------|----------------------------------|
@@ -12,14 +12,16 @@ handle)`, which slices weights in place and installs the collectives:
 |          |                                                     | all-reduced; bias on rank 0 only |
 
 Heads are split contiguously (rank r holds heads [r·h/T, (r+1)·h/T)); the model derives its
-local head count from the sliced q weight, and the KV cache is then built with that count.
-Every collective goes through `collectives.all_reduce_sum(..., allowed="tp")`.
+local head count from the sliced q weight (`q.weight.shape[0] // head_dim`), and the KV cache
+must then be built with that count. Every collective goes through
+`collectives.all_reduce_sum(..., allowed="tp")`, so a model sharded with a non-TP handle fails
+here, before any weight is touched (OM-08).
 Imports torch, streamdit.errors, streamdit.model and streamdit.parallel only.
 """
 
 from __future__ import annotations
 
-import fnmatch
+from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -28,58 +30,87 @@ from torch import nn
 from streamdit.errors import ConfigError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import DiTConfig
-from streamdit.parallel.collectives import all_reduce_sum
+from streamdit.parallel.collectives import all_reduce_sum, check_group
 from streamdit.parallel.groups import GroupHandle
+from streamdit.parallel.tp_plan import COLWISE, NORM, ROWWISE, TP_PLAN, style_of
 
-TP_PLAN: tuple[tuple[str, str], ...] = (
-    ("blocks.*.self_attn.[qkv]", "colwise"),
-    ("blocks.*.cross_attn.[qkv]", "colwise"),
-    ("blocks.*.self_attn.norm_[qk]", "norm"),
-    ("blocks.*.cross_attn.norm_[qk]", "norm"),
-    ("blocks.*.ffn.0", "colwise"),
-    ("blocks.*.self_attn.o", "rowwise"),
-    ("blocks.*.cross_attn.o", "rowwise"),
-    ("blocks.*.ffn.2", "rowwise"),
-)
+__all__ = ["TP_PLAN", "apply_tp", "local_heads", "style_of", "tp_collectives_per_call"]
 
-
-def style_of(path: str) -> str | None:
-    """The plan's style for a module path, or None (replicated)."""
-    for pattern, style in TP_PLAN:
-        if fnmatch.fnmatchcase(path, pattern):
-            return style
-    return None
+TP_GROUP = "tp"  # the only group a TP collective may run on
 
 
 def tp_collectives_per_call(cfg: DiTConfig) -> dict[str, int]:
-    """Steady-state collectives of one generator call (text K/V cached).
+    """Collectives of one generator call, by kind.
 
-    Per block: 3 row-parallel all-reduces of [tokens, dim] (self o, cross o, ffn.2) and 3 tiny
-    [tokens, 1] sum-of-squares all-reduces (self q, self k, cross q); cross k adds one more only
-    when the text cache is rebuilt.
+    Steady state (text K/V cached), per block: 3 row-parallel all-reduces of [tokens, dim]
+    (self o, cross o, ffn.2) and 3 tiny [tokens, 1] sum-of-squares all-reduces (self norm_q,
+    self norm_k, cross norm_q). A call that rebuilds the cross-attention cache (new conditioning
+    or `reset_crossattn_cache`) adds one tiny [text_len, 1] all-reduce per block (cross norm_k).
     """
-    return {"large": 3 * cfg.num_layers, "tiny": 3 * cfg.num_layers}
+    return {
+        "large": 3 * cfg.num_layers,
+        "tiny": 3 * cfg.num_layers,
+        "tiny_on_text_rebuild": cfg.num_layers,
+    }
+
+
+def local_heads(model: CausalWanDiT) -> int:
+    """Heads this rank holds (after `apply_tp`); build the KV cache with this count."""
+    return model.blocks[0].self_attn.local_heads()
 
 
 def apply_tp(model: CausalWanDiT, handle: GroupHandle) -> None:
-    """Shard `model` in place for group rank `handle.rank` of `handle.size`."""
+    """Shard `model` in place for group rank `handle.rank` of `handle.size`.
+
+    Everything is validated before the first weight is replaced, so a refusal leaves the model
+    whole. The replaced Parameters hold fresh copies of their slices: the full weights are freed
+    as soon as the caller drops its own references to them.
+    """
+    check_group(handle, TP_GROUP)
     cfg, size, rank = model.cfg, handle.size, handle.rank
     for name, value in (("num_heads", cfg.num_heads), ("ffn_dim", cfg.ffn_dim)):
         if value % size:
             raise ConfigError(f"{name}={value} is not divisible by the TP size {size} [field={name}]")
+    if not 0 <= rank < size:
+        raise ConfigError(f"tp rank {rank} outside group of size {size} [field=group_rank]")
+    targets = [(path, module, style_of(path)) for path, module in model.named_modules()]
+    targets = [(path, module, style) for path, module, style in targets if style is not None]
+    _check_unsharded(model, targets)
     if size == 1:
         return
-    reduce = partial(all_reduce_sum, handle=handle, allowed="tp")
-    for path, module in model.named_modules():
-        style = style_of(path)
-        if style == "colwise":
+    reduce = partial(all_reduce_sum, handle=handle, allowed=TP_GROUP)
+    for _, module, style in targets:
+        if style == COLWISE:
             _keep_rows(module, rank, size)
-        elif style == "norm":
+        elif style == NORM:
             _keep_rows(module, rank, size)
             module.reduce_sum_of_squares = reduce
-        elif style == "rowwise":
+        elif style == ROWWISE:
             _keep_cols(module, rank, size)
-            module.register_forward_hook(lambda _m, _i, out: reduce(out))
+            module.register_forward_hook(_output_reducer(reduce))
+
+
+def _check_unsharded(model: CausalWanDiT, targets: list[tuple[str, nn.Module, str]]) -> None:
+    """Refuse a model that is already sharded (a second apply_tp would slice the slices)."""
+    cfg = model.cfg
+    if not targets:
+        raise ConfigError("tp plan matches no module of the model [field=tp_plan]")
+    for path, module, style in targets:
+        full = cfg.ffn_dim if path.endswith(("ffn.0", "ffn.2")) else cfg.dim
+        dim = 1 if style == ROWWISE else 0
+        if module.weight.shape[dim] != full:
+            raise ConfigError(
+                f"{path}.weight has {module.weight.shape[dim]} != {full} along dim {dim}: "
+                "the model is already sharded [field=tp_plan]"
+            )
+
+
+def _output_reducer(reduce: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., torch.Tensor]:
+    def hook(_module: nn.Module, _inputs: object, out: torch.Tensor) -> torch.Tensor:
+        # Row-parallel outputs are partial sums: the true output is their sum over the group.
+        return reduce(out)
+
+    return hook
 
 
 def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:

@@ -37,6 +37,12 @@ class FaultPlan:
     """OM-11: this worker perturbs the latents it received (receiver side)."""
     backend_override: tuple[int, str] | None = None
     """C-04: (rank, backend): that rank's `auto` resolves differently."""
+    bad_plan_at_chunk: int | None = None
+    """OM-03: rank0 builds this chunk's envelope with expected_generator_calls + 1 (its own
+    preflight must reject it before the broadcast)."""
+    skip_sender_validation: bool = False
+    """OM-03 worker side: rank0's preflight skips message validation, so the inconsistent plan
+    reaches the worker, which must reject it before Phase B."""
     dump_latents: Path | None = None
     """Rank0 saves every chunk's generator output here as float32 .npy (equivalence tests)."""
 
@@ -49,6 +55,8 @@ class FaultPlan:
             mutate_weight_rank=_int(cfg, "MUTATE_WEIGHT_RANK"),
             perturb_input_rank=_int(cfg, "PERTURB_INPUT_RANK"),
             backend_override=_rank_value(cfg, "BACKEND_RANK"),
+            bad_plan_at_chunk=_int(cfg, "BAD_PLAN_AT_CHUNK"),
+            skip_sender_validation=bool(_int(cfg, "SKIP_SENDER_VALIDATION")),
             dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
@@ -71,6 +79,11 @@ class FaultPlan:
             param = model.get_parameter("head.modulation")  # replicated under TP
             with torch.no_grad():
                 param.add_(1e-3)
+
+    def corrupt_plan(self, chunk_index: int, inputs: GeneratorInputs) -> GeneratorInputs:
+        if self.bad_plan_at_chunk != chunk_index:
+            return inputs
+        return dataclasses.replace(inputs, expected_generator_calls=inputs.expected_generator_calls + 1)
 
     def perturb_inputs(self, inputs: GeneratorInputs, rank: int) -> GeneratorInputs:
         if self.perturb_input_rank != rank:

@@ -28,7 +28,7 @@ from streamdit.parallel.collectives import all_gather_int64
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.parallel.parity import check_replicated_fingerprints, handshake, tensor_digest
 from streamdit.parallel.tp import apply_tp
-from streamdit.protocol.channel import BroadcastChannel
+from streamdit.protocol.channel import BroadcastChannel, ChannelFaults
 from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
 from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model, validate_run
@@ -75,6 +75,7 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
             group_name="world",
             kinds=frozenset({Kind.TP_ENVELOPE}),
             observer=flight,
+            faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
         )
         tripwires = Tripwires(cfg, groups)
         if launch.rank == 0:
@@ -169,7 +170,7 @@ def _rank0(
     stage0, chunks = build_stage0(run)
 
     def publish(ids: ChunkIds, inputs: GeneratorInputs) -> None:
-        channel.send(_envelope(Action.INFER, ids, inputs))
+        channel.send(_envelope(Action.INFER, ids, faults.corrupt_plan(ids.chunk_index, inputs)))
         tripwires.inputs(ids, inputs)
 
     def check(ids: ChunkIds, inputs: GeneratorInputs, latents: torch.Tensor) -> None:
