@@ -67,3 +67,44 @@ def test_every_prepared_chunk_is_a_valid_envelope_and_round_trips(tmp_path: Path
         seen_cut |= inputs.init_cache and k > 0
         stage0.finish(runner.run(back, ids))
     assert seen_recompute and seen_bias and seen_cut
+
+
+def test_conditioning_cache_is_bounded_over_many_prompt_changes(tmp_path: Path, monkeypatch) -> None:
+    from streamdit.runtime import stage0 as stage0_mod
+
+    entries = ",".join(
+        f'{{"chunk": {k}, "prompt": "prompt number {k}", "transition": "soft"}}' for k in range(1, 30)
+    )
+    tl = tmp_path / "many.json"
+    tl.write_text('{"entries": [{"chunk": 0, "prompt": "start"},' + entries + "]}")
+    cfg = RunConfig(height=32, width=48, chunks=30, timeline=tl, kv_recompute=False)
+    run = validate_run(cfg)
+    text, vae = build_stage0_parts(run)
+    stage0 = Stage0(
+        cfg,
+        timeline=run.timeline,
+        text_encoder=text,
+        vae=vae,
+        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        device=run.device,
+        dtype=run.dtype,
+    )
+    first_embeds = []
+    for k in range(cfg.chunks):
+        _, inputs, _ = stage0.prepare(k)
+        first_embeds.append(inputs.conditioning_embeds)
+        assert len(stage0._cond_cache) <= stage0_mod.COND_CACHE_SIZE
+    # eviction never changes what a chunk gets: an unbounded cache hands out the same tensors
+    monkeypatch.setattr(stage0_mod, "COND_CACHE_SIZE", 10_000)
+    again = Stage0(
+        cfg,
+        timeline=run.timeline,
+        text_encoder=text,
+        vae=vae,
+        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        device=run.device,
+        dtype=run.dtype,
+    )
+    for k in range(cfg.chunks):
+        assert torch.equal(again.prepare(k)[1].conditioning_embeds, first_embeds[k])
+    assert len(again._cond_cache) > 8  # the comparison run really kept more than the bound

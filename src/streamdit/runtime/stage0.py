@@ -10,6 +10,7 @@ the generator's latents into uint8 frames. Nothing here runs a collective.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ from streamdit.runtime.timeline import PromptState, Timeline
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
 NOISE_STREAM = 0
+COND_CACHE_SIZE = 8  # conditioning tensors kept (prompts and soft-blend steps), least recent out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -66,7 +68,8 @@ class Stage0:
         self.next_call_id = 0
         self.next_start_frame = 0
         self.input_pos = 0
-        self._cond_cache: dict[tuple[str, str | None, float], torch.Tensor] = {}
+        # Bounded: a live stream with many prompt changes must not grow GPU memory without end.
+        self._cond_cache: OrderedDict[tuple[str, str | None, float], torch.Tensor] = OrderedDict()
         self._last_cond_key: tuple[str, str | None, float] | None = None
         self._reset_buffers()
 
@@ -130,20 +133,33 @@ class Stage0:
 
     def _conditioning(self, ps: PromptState) -> tuple[torch.Tensor, bool]:
         key = ps.key
-        if key not in self._cond_cache:
+        embeds = self._cached(key)
+        if embeds is None:
             new = self._encode(ps.prompt)
-            self._cond_cache[key] = (
-                new if ps.previous is None else blend(self._encode(ps.previous), new, ps.alpha)
-            )
+            embeds = new if ps.previous is None else blend(self._encode(ps.previous), new, ps.alpha)
+            self._remember(key, embeds)
         updated = key != self._last_cond_key
         self._last_cond_key = key
-        return self._cond_cache[key], updated
+        return embeds, updated
 
     def _encode(self, prompt: str) -> torch.Tensor:
         key = (prompt, None, 1.0)
-        if key not in self._cond_cache:
-            self._cond_cache[key] = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
-        return self._cond_cache[key]
+        embeds = self._cached(key)
+        if embeds is None:
+            embeds = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+            self._remember(key, embeds)
+        return embeds
+
+    def _cached(self, key: tuple[str, str | None, float]) -> torch.Tensor | None:
+        embeds = self._cond_cache.get(key)
+        if embeds is not None:
+            self._cond_cache.move_to_end(key)
+        return embeds
+
+    def _remember(self, key: tuple[str, str | None, float], embeds: torch.Tensor) -> None:
+        self._cond_cache[key] = embeds
+        while len(self._cond_cache) > COND_CACHE_SIZE:
+            self._cond_cache.popitem(last=False)
 
     def _start_latents(self, base_seed: int, *, first: bool) -> torch.Tensor:
         shape = (1, self.cfg.frames_per_chunk, LATENT_CHANNELS, *self.latent_hw)
