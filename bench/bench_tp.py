@@ -3,8 +3,9 @@
 One chunk = the recompute call + 4 denoising calls (steady state: window full), wan-14b,
 320x576, bf16. TP=1 runs on GPU 0 alone first; then both ranks shard the same seeded model with
 `parallel.tp.apply_tp` and run the chunk in lockstep (NCCL, functional all-reduces). Collective
-time is read from the profiler's NCCL kernels on rank 0. Variants: eager, compile
-(`forward_chunk` compiled on every rank).
+time is read from the profiler's NCCL kernels on rank 0. Variants: eager (functional
+all-reduces), eager-inplace (c10d in-place all-reduces), compile (`forward_chunk` compiled on
+every rank).
 
     python bench/bench_tp.py --out bench/results/tp_wan14b_h200x2.json
 
@@ -116,7 +117,7 @@ def run_variant(variant: str, rank: int, groups, args: argparse.Namespace, devic
         torch.cuda.empty_cache()
     torch.distributed.barrier(group=groups.world.pg)
     model = build(args, device)
-    apply_tp(model, groups.tp)
+    apply_tp(model, groups.tp, inplace_collectives=variant == "eager-inplace")
     torch.cuda.empty_cache()
     if variant == "compile":
         model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)

@@ -41,6 +41,18 @@ def all_reduce_sum(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> tor
     return funcol.all_reduce(t, "sum", handle.pg)
 
 
+def all_reduce_sum_inplace(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> torch.Tensor:
+    """Sum of `t` over the group, written into `t` (c10d in-place; eager only).
+
+    For measuring eager mode against the functional form (protocol.md §11 asks for both): it
+    avoids the AsyncCollectiveTensor wrapper but breaks a torch.compile graph.
+    """
+    check_group(handle, allowed)
+    t = t.contiguous()
+    dist.all_reduce(t, group=handle.pg)
+    return t
+
+
 def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) -> list[list[int]]:
     """Every rank's list of ints, indexed by group rank.
 

@@ -30,7 +30,7 @@ from torch import nn
 from streamdit.errors import ConfigError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import DiTConfig
-from streamdit.parallel.collectives import all_reduce_sum, check_group
+from streamdit.parallel.collectives import all_reduce_sum, all_reduce_sum_inplace, check_group
 from streamdit.parallel.groups import GroupHandle
 from streamdit.parallel.tp_plan import COLWISE, NORM, ROWWISE, TP_PLAN, style_of
 
@@ -59,8 +59,11 @@ def local_heads(model: CausalWanDiT) -> int:
     return model.blocks[0].self_attn.local_heads()
 
 
-def apply_tp(model: CausalWanDiT, handle: GroupHandle) -> None:
+def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: bool = False) -> None:
     """Shard `model` in place for group rank `handle.rank` of `handle.size`.
+
+    `inplace_collectives` swaps the functional all-reduce for c10d's in-place one (eager
+    benchmarks only: it cannot be compiled without graph breaks).
 
     Everything is validated before the first weight is replaced, so a refusal leaves the model
     whole. The replaced Parameters hold fresh copies of their slices: the full weights are freed
@@ -78,7 +81,8 @@ def apply_tp(model: CausalWanDiT, handle: GroupHandle) -> None:
     _check_unsharded(model, targets)
     if size == 1:
         return
-    reduce = partial(all_reduce_sum, handle=handle, allowed=TP_GROUP)
+    reducer = all_reduce_sum_inplace if inplace_collectives else all_reduce_sum
+    reduce = partial(reducer, handle=handle, allowed=TP_GROUP)
     for _, module, style in targets:
         if style == COLWISE:
             _keep_rows(module, rank, size)

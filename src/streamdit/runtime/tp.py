@@ -61,7 +61,10 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
     try:
         handshake(_parity_items(run, groups), groups.world, allowed="world", log=log)
         model = build_model(run)
-        apply_tp(model, groups.tp)
+        # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with functional
+        # ones, bench/results/tp_wan14b_h200x2_eager.json). Compiled: functional, so the
+        # collectives stay inside the graph.
+        apply_tp(model, groups.tp, inplace_collectives=not cfg.compile)
         faults.mutate_weights(model, groups.global_rank)
         check_replicated_fingerprints(model, groups.tp, allowed="tp", log=log)
         runner = build_generator(run, model)
