@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,12 +143,14 @@ def _spawn(
     hooks: dict[str, str] | None = None,
     *,
     per_rank: dict[int, dict[str, str]] | None = None,
+    out_dir: Path | None = None,
 ) -> list[Outcome]:
     """Start one process per rank with a torchrun-compatible env; kill every group on exit.
 
     `hooks` go to every rank; `per_rank` adds variables to single ranks only.
     """
     port, world = _free_port(), len(flags)
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="streamdit-tp-"))
     procs, t0 = [], time.monotonic()
     for rank, extra in enumerate(flags):
         env = _env(
@@ -169,7 +173,7 @@ def _spawn(
             "--chunks",
             "3",
             "--out",
-            f"/tmp/streamdit-tp-{port}.npy",
+            str(out_dir / "v.npy"),
             "--no-progress",
             "--dist-timeout",
             "10",
@@ -195,7 +199,6 @@ def _spawn(
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
-        Path(f"/tmp/streamdit-tp-{port}.npy").unlink(missing_ok=True)
     return outcomes
 
 
@@ -227,9 +230,16 @@ def test_test_hook_on_one_rank_only_is_a_parity_failure() -> None:
     _all_failed_fast(outcomes, "ParityError", "STREAMDIT_TEST_SLOW_CHUNK_MS")
 
 
-def test_om11_perturbed_input_on_a_worker_trips_the_input_digest() -> None:
-    outcomes = _spawn([[], []], {"STREAMDIT_TEST_PERTURB_INPUT_RANK": "1"})
+def test_om11_perturbed_input_on_a_worker_trips_the_input_digest(tmp_path: Path) -> None:
+    outcomes = _spawn([[], []], {"STREAMDIT_TEST_PERTURB_INPUT_RANK": "1"}, out_dir=tmp_path)
     _all_failed_fast(outcomes, "DriftError", "input digest mismatch on ranks [1]", "latents", "chunk_index=0")
+    for o in outcomes:  # each rank left a flight record: what it sent / received, then the fatal error
+        path = re.search(r"flight record: (\S+)", o.log)
+        assert path, o.log[-2000:]
+        record = json.loads(Path(path.group(1)).read_text())
+        names = [e["name"] for e in record["events"]]
+        assert names[-1] == "fatal" and "DriftError" in record["events"][-1]["detail"]
+        assert ("header_sent" if o.rank == 0 else "message_received") in names
 
 
 def test_om12_mutated_replicated_weight_trips_the_fingerprint_check() -> None:

@@ -23,7 +23,7 @@ import logging
 import torch
 
 from streamdit.config import LaunchEnv, RunConfig
-from streamdit.errors import EXIT_PEER_ABORT, DriftError, StreamditError
+from streamdit.errors import EXIT_PEER_ABORT, DriftError, ParityError, StreamditError
 from streamdit.parallel.collectives import all_gather_int64
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.parallel.parity import check_replicated_fingerprints, handshake, tensor_digest
@@ -57,8 +57,11 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         run = dataclasses.replace(run, device=torch.device("cuda", launch.local_rank))
     faults = FaultPlan.from_config(cfg)
     run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
+    flight = FlightRecorder(label=f"rank{launch.rank}")
+    flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
     groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s)
     try:
+        flight.record({"name": "start", "detail": f"world_size={launch.world_size}"})
         handshake(_parity_items(run, groups), groups.world, allowed="world", log=log)
         model = build_model(run)
         # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with functional
@@ -69,7 +72,6 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         check_replicated_fingerprints(model, groups.tp, allowed="tp", log=log)
         runner = build_generator(run, model)
         runner.extra_calls = faults.extra_generator_calls
-        flight = FlightRecorder(label=f"rank{groups.global_rank}")
         channel = BroadcastChannel(
             groups.world.pg,
             0,
@@ -79,12 +81,18 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
             kinds=frozenset({Kind.TP_ENVELOPE}),
             observer=flight,
             faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
+            exit_fn=flight.exit_after_dump(flight_path),
         )
         tripwires = Tripwires(cfg, groups)
         if launch.rank == 0:
             return _rank0(run, runner, channel, tripwires, faults, stop)
         _worker(runner, channel, tripwires, faults, groups.global_rank)
         return None
+    except BaseException as exc:
+        # The first failing rank is told from the ranks that merely followed by these records.
+        flight.record({"name": "fatal", "detail": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        log.error("flight record: %s", flight.dump(flight_path))
+        raise
     finally:
         destroy_groups(groups)
 
@@ -192,7 +200,11 @@ def _rank0(
             check=check,
         )
     except BaseException as exc:
-        _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, f"{type(exc).__name__}")
+        # A digest or parity mismatch was found by a collective comparison: every rank raised it
+        # at the same point and is leaving, so there is nobody to tell. Anything else is rank0's
+        # alone: tell the workers, or they would wait out the process-group timeout.
+        if not isinstance(exc, DriftError | ParityError):
+            _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, type(exc).__name__)
         raise
     _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
     return summary
