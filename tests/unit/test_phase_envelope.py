@@ -9,27 +9,13 @@ from pathlib import Path
 import torch
 
 from streamdit.config import RunConfig
-from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.protocol.codec import Limits
 from streamdit.protocol.header import Action
-from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.protocol.preflight import prepare
-from streamdit.runtime.build import build_generator, build_stage0_parts, validate_run
+from streamdit.runtime.build import build_generator, validate_run
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs
-from streamdit.runtime.stage0 import Stage0
-
-
-def _envelope(ids, inputs: GeneratorInputs) -> TPEnvelopeV1:
-    payload = {name: getattr(inputs, name) for name in GENERATOR_INPUT_FIELDS}
-    return TPEnvelopeV1(
-        action=Action.INFER,
-        call_id=ids.call_id,
-        chunk_index=ids.chunk_index,
-        cache_epoch=ids.cache_epoch,
-        tp_plan="generator_only",
-        tp_envelope_version=1,
-        **payload,
-    )
+from streamdit.runtime.single import build_stage0
+from streamdit.runtime.tp import tp_envelope
 
 
 def test_every_prepared_chunk_is_a_valid_envelope_and_round_trips(tmp_path: Path) -> None:
@@ -41,20 +27,11 @@ def test_every_prepared_chunk_is_a_valid_envelope_and_round_trips(tmp_path: Path
     cfg = RunConfig(height=32, width=48, chunks=6, timeline=tl)
     run = validate_run(cfg)
     runner = build_generator(run)
-    text, vae = build_stage0_parts(run)
-    stage0 = Stage0(
-        cfg,
-        timeline=run.timeline,
-        text_encoder=text,
-        vae=vae,
-        scheduler=FlowMatchScheduler(shift=cfg.shift),
-        device=run.device,
-        dtype=run.dtype,
-    )
+    stage0, _ = build_stage0(run)
     seen_recompute = seen_bias = seen_cut = False
     for k in range(cfg.chunks):
         ids, inputs, _ = stage0.prepare(k)
-        msg = _envelope(ids, inputs)
+        msg = tp_envelope(Action.INFER, ids, inputs)
         msg.validate()
         prepared = prepare(msg, Limits(), torch.device("cpu"))
         assert prepared.header.ids.chunk_index == k
@@ -79,16 +56,7 @@ def test_conditioning_cache_is_bounded_over_many_prompt_changes(tmp_path: Path, 
     tl.write_text('{"entries": [{"chunk": 0, "prompt": "start"},' + entries + "]}")
     cfg = RunConfig(height=32, width=48, chunks=30, timeline=tl, kv_recompute=False)
     run = validate_run(cfg)
-    text, vae = build_stage0_parts(run)
-    stage0 = Stage0(
-        cfg,
-        timeline=run.timeline,
-        text_encoder=text,
-        vae=vae,
-        scheduler=FlowMatchScheduler(shift=cfg.shift),
-        device=run.device,
-        dtype=run.dtype,
-    )
+    stage0, _ = build_stage0(run)
     first_embeds = []
     for k in range(cfg.chunks):
         _, inputs, _ = stage0.prepare(k)
@@ -96,15 +64,7 @@ def test_conditioning_cache_is_bounded_over_many_prompt_changes(tmp_path: Path, 
         assert len(stage0._cond_cache) <= stage0_mod.COND_CACHE_SIZE
     # eviction never changes what a chunk gets: an unbounded cache hands out the same tensors
     monkeypatch.setattr(stage0_mod, "COND_CACHE_SIZE", 10_000)
-    again = Stage0(
-        cfg,
-        timeline=run.timeline,
-        text_encoder=text,
-        vae=vae,
-        scheduler=FlowMatchScheduler(shift=cfg.shift),
-        device=run.device,
-        dtype=run.dtype,
-    )
+    again, _ = build_stage0(run)
     for k in range(cfg.chunks):
         assert torch.equal(again.prepare(k)[1].conditioning_embeds, first_embeds[k])
     assert len(again._cond_cache) > 8  # the comparison run really kept more than the bound

@@ -22,7 +22,7 @@ from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import DiTConfig, get_dit_config
 from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
 from streamdit.model.text import HashTextEncoder
-from streamdit.model.vae import CausalVideoVAE, get_vae_config
+from streamdit.model.vae import CausalVideoVAE, get_vae_config, pixel_frames
 from streamdit.model.weights import check_safetensors, load_safetensors_into
 from streamdit.runtime.generator import CacheGeometry, GeneratorRunner
 from streamdit.runtime.timeline import Timeline
@@ -155,12 +155,12 @@ def load_input_frames(run: ValidatedRun) -> tuple[np.ndarray | None, int]:
     if cfg.input_video is None:
         return None, run.chunks
     f = cfg.frames_per_chunk
-    need = 1 + 4 * (f - 1) + 4 * f * (run.chunks - 1)
+    first, later = pixel_frames(f, first_chunk=True), pixel_frames(f, first_chunk=False)
+    need = first + later * (run.chunks - 1)
     frames = read_video_frames(cfg.input_video, height=cfg.height, width=cfg.width, max_frames=need)
-    first = 1 + 4 * (f - 1)
     if frames.shape[0] < first:
         raise ConfigError(
             f"input video {cfg.input_video} has {frames.shape[0]} frames; the first chunk needs {first} "
             "[field=input_video]"
         )
-    return frames, min(run.chunks, 1 + (frames.shape[0] - first) // (4 * f))
+    return frames, min(run.chunks, 1 + (frames.shape[0] - first) // later)

@@ -9,7 +9,6 @@ run this same object on other ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,7 +58,6 @@ class GeneratorRunner:
         self.calls_made = 0
         # Test hook: an extra generator call per chunk (proves the plan assertion fires).
         self.extra_calls = 0
-        self.on_call: Callable[[int], None] | None = None
 
     def _local_heads(self) -> int:
         q = self.model.blocks[0].self_attn.q.weight
@@ -156,6 +154,4 @@ class GeneratorRunner:
             kv_bias=bias,
         )
         self.calls_made += 1
-        if self.on_call is not None:
-            self.on_call(self.calls_made)
         return out

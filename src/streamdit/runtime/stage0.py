@@ -19,7 +19,7 @@ import torch
 from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.text import TextEncoder, blend
-from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder
+from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, mix_seed, seeded_normal
 from streamdit.runtime.timeline import PromptState, Timeline
 
@@ -171,13 +171,9 @@ class Stage0:
         sigma = float(self.scheduler.sigmas(self.step_list[:1])[0])
         return self.scheduler.renoise(z.to(self.dtype), noise, sigma)
 
-    def pixel_frames_for(self, first: bool) -> int:
-        f = self.cfg.frames_per_chunk
-        return 1 + 4 * (f - 1) if first else 4 * f
-
     def _next_input_pixels(self, first: bool) -> torch.Tensor:
         assert self.input_frames is not None
-        n = self.pixel_frames_for(first)
+        n = pixel_frames(self.cfg.frames_per_chunk, first_chunk=first)
         clip = self.input_frames[self.input_pos : self.input_pos + n]
         self.input_pos += n
         return frames_to_pixels(clip, self.device, self.dtype)

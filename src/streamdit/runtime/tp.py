@@ -154,7 +154,7 @@ def _field_digest(inputs: GeneratorInputs, name: str) -> int:
     return tensor_digest(torch.tensor([float(value if value is not None else -1)], dtype=torch.float64))
 
 
-def _envelope(
+def tp_envelope(
     action: Action, ids: ChunkIds, inputs: GeneratorInputs | None = None, **extra: object
 ) -> TPEnvelopeV1:
     payload = {n: getattr(inputs, n) for n in GENERATOR_INPUT_FIELDS} if inputs is not None else {}
@@ -181,7 +181,7 @@ def _rank0(
     stage0, chunks = build_stage0(run)
 
     def publish(ids: ChunkIds, inputs: GeneratorInputs) -> None:
-        channel.send(_envelope(Action.INFER, ids, faults.corrupt_plan(ids.chunk_index, inputs)))
+        channel.send(tp_envelope(Action.INFER, ids, faults.corrupt_plan(ids.chunk_index, inputs)))
         tripwires.inputs(ids, inputs)
 
     def check(ids: ChunkIds, inputs: GeneratorInputs, latents: torch.Tensor) -> None:
@@ -219,7 +219,7 @@ def _terminal(
     ids = ChunkIds(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
     extra = {"reason": reason[:200]} if reason else {}
     try:
-        channel.send(_envelope(action, ids, **extra))
+        channel.send(tp_envelope(action, ids, **extra))
     except StreamditError as exc:  # best effort: the original error is what matters
         log.error("could not send %s to workers: %s", action.name, exc)
 
