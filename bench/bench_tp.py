@@ -4,8 +4,10 @@ One chunk = the recompute call + 4 denoising calls (steady state: window full), 
 320x576, bf16. TP=1 runs on GPU 0 alone first; then both ranks shard the same seeded model with
 `parallel.tp.apply_tp` and run the chunk in lockstep (NCCL, functional all-reduces). Collective
 time is read from the profiler's NCCL kernels on rank 0. Variants: eager (functional
-all-reduces), eager-inplace (c10d in-place all-reduces), compile (`forward_chunk` compiled on
-every rank).
+all-reduces), eager-inplace (c10d in-place all-reduces), compile (`compile_blocks`: one block
+graph with functional all-reduces, reused by every layer), compile-reorder (the same with
+inductor's compute/communication reordering), compile-inplace-disabled (in-place all-reduces
+hidden from dynamo by `torch._dynamo.disable`: a graph break at every collective).
 
     python bench/bench_tp.py --out bench/results/tp_wan14b_h200x2.json
 
@@ -30,6 +32,7 @@ from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import get_dit_config
+from streamdit.parallel.collectives import all_reduce_sum_inplace
 from streamdit.parallel.groups import destroy_groups, init_groups
 from streamdit.parallel.tp import apply_tp, tp_collectives_per_call
 
@@ -106,21 +109,35 @@ def nccl_ms_per_chunk(chunk, device: torch.device, reps: int = 2) -> dict:
     return {"nccl_kernel_ms_per_chunk": nccl_us / 1e3 / reps, "nccl_kernels_per_chunk": count // reps}
 
 
+def compile_model(model: CausalWanDiT, variant: str) -> None:
+    """Regional compile for the compile variants; a fresh dynamo cache for every model."""
+    if not variant.startswith("compile"):
+        return
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()  # else a new model reuses the previous variant's block graph
+    inductor_config.reorder_for_compute_comm_overlap = variant == "compile-reorder"
+    model.compile_blocks(fullgraph=variant != "compile-inplace-disabled")
+
+
 def run_variant(variant: str, rank: int, groups, args: argparse.Namespace, device: torch.device) -> dict:
     row: dict = {"variant": variant}
     if rank == 0:
         full = build(args, device)
-        if variant == "compile":
-            full.forward_chunk = torch.compile(full.forward_chunk, fullgraph=True)
+        compile_model(full, variant)
         row["tp1"] = chunk_ms(full, args, device, profile=False)
         del full
         torch.cuda.empty_cache()
     torch.distributed.barrier(group=groups.world.pg)
     model = build(args, device)
-    apply_tp(model, groups.tp, inplace_collectives=variant == "eager-inplace")
+    inplace = variant in ("eager-inplace", "compile-inplace-disabled")
+    if variant == "compile-inplace-disabled":
+        import streamdit.parallel.tp as tp_module
+
+        tp_module.all_reduce_sum_inplace = torch._dynamo.disable(all_reduce_sum_inplace)
+    apply_tp(model, groups.tp, inplace_collectives=inplace)
     torch.cuda.empty_cache()
-    if variant == "compile":
-        model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
+    compile_model(model, variant)
     # every rank profiles: a collective-bearing chunk run on one rank only would hang the other
     row["tp2"] = chunk_ms(model, args, device, profile=True)
     del model
@@ -144,26 +161,30 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
                 row = {"variant": variant, "error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
                 print(json.dumps(row), flush=True)
             results["variants"].append(row)
+            if rank == 0:  # after every variant: a run cut short still leaves its rows
+                write_results(results, args, device, out)
             torch.distributed.barrier(group=groups.world.pg)
-        if rank == 0:
-            cfg = get_dit_config(args.preset)
-            results.update(
-                {
-                    "bench": "tp_generator",
-                    "command": shlex.join([sys.executable, *sys.argv]),
-                    "device_name": torch.cuda.get_device_name(device),
-                    "torch": torch.__version__,
-                    "nccl": ".".join(map(str, torch.cuda.nccl.version())),
-                    "preset": args.preset,
-                    "geometry": [args.height, args.width],
-                    "dtype": "bfloat16",
-                    "calls_per_chunk": 5,
-                    "collectives_per_call": tp_collectives_per_call(cfg),
-                }
-            )
-            Path(out).write_text(json.dumps(results, indent=2) + "\n")
     finally:
         destroy_groups(groups)
+
+
+def write_results(results: dict, args: argparse.Namespace, device: torch.device, out: str) -> None:
+    cfg = get_dit_config(args.preset)
+    results.update(
+        {
+            "bench": "tp_generator",
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "device_name": torch.cuda.get_device_name(device),
+            "torch": torch.__version__,
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "preset": args.preset,
+            "geometry": [args.height, args.width],
+            "dtype": "bfloat16",
+            "calls_per_chunk": 5,
+            "collectives_per_call": tp_collectives_per_call(cfg),
+        }
+    )
+    Path(out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> int:
@@ -171,7 +192,7 @@ def main() -> int:
     p.add_argument("--preset", default="wan-14b")
     p.add_argument("--height", type=int, default=320)
     p.add_argument("--width", type=int, default=576)
-    p.add_argument("--variants", default="eager,compile")
+    p.add_argument("--variants", default="eager-inplace,compile,compile-reorder")
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

@@ -84,7 +84,7 @@ class RunConfig:
     attn_backend: str = "auto"
     """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
     compile: bool = False
-    """torch.compile the generator's tensor math (forward_chunk; cache bookkeeping stays eager)."""
+    """torch.compile the generator's blocks (one shared graph; cache bookkeeping stays eager)."""
     kv_recompute: bool = True
     """Rebuild the KV cache from clean context frames before each chunk after the first."""
     local_attn_frames: int = 6

@@ -21,6 +21,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import RankContext, init_gloo, run_ranks
 from streamdit.config import LaunchEnv
@@ -32,7 +33,7 @@ from streamdit.parallel import collectives
 from streamdit.parallel.collectives import all_gather_bytes, all_gather_int64, all_reduce_sum
 from streamdit.parallel.groups import GroupHandle, destroy_groups, init_groups
 from streamdit.parallel.parity import check_replicated_fingerprints, tensor_digest
-from streamdit.parallel.tp import apply_tp, local_heads
+from streamdit.parallel.tp import apply_tp, local_heads, tp_collectives_per_call
 
 CFG = get_dit_config("tiny")  # 4 heads, ffn 256: divisible by 2 and 4
 CPU = torch.device("cpu")
@@ -109,14 +110,29 @@ def rank_tp_equivalence(ctx: RankContext) -> dict:
     apply_tp(model, tp)
     heads = local_heads(model)
     check_replicated_fingerprints(model, tp, allowed="tp", log=log)
-    got = _stream(model, heads)
+    with _CollectiveCounter() as counter:
+        got = _stream(model, heads)
     digests = all_gather_int64([tensor_digest(t) for t in got], world, allowed="world")
     return {
         "heads": heads,
         "q_rows": model.blocks[0].self_attn.q.weight.shape[0],
         "max_diff": [float((a - b).abs().max()) for a, b in zip(got, reference, strict=True)],
         "same_on_all_ranks": all(d == digests[0] for d in digests),
+        "all_reduces": counter.all_reduces,
     }
+
+
+class _CollectiveCounter(TorchDispatchMode):
+    """Counts the all-reduce ops actually dispatched (what the backend is asked to run)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.all_reduces = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if "all_reduce" in func.name():
+            self.all_reduces += 1
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.timeout(90)
@@ -131,6 +147,11 @@ def test_tp_sharded_dit_matches_single_process(size: int) -> None:
         assert len(r["max_diff"]) == 8
         assert max(r["max_diff"]) <= 1e-4, r["max_diff"]
         assert r["same_on_all_ranks"]
+        # 8 calls x (3 row-parallel + 2 norm all-reduces) per block, plus the text K/V norm
+        # all-reduce per block on the 2 calls that rebuild the cross-attention cache.
+        counts = tp_collectives_per_call(CFG)
+        expected = 8 * (counts["large"] + counts["tiny"]) + 2 * counts["tiny_on_text_rebuild"]
+        assert r["all_reduces"] == expected == 42 * CFG.num_layers, r["all_reduces"]
     assert time.monotonic() - t0 < 60
 
 

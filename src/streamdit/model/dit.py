@@ -26,7 +26,7 @@ from torch import nn
 
 from streamdit.errors import ConfigError
 from streamdit.model.attention import kernel_for, sdpa
-from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache
+from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache, LayerKV, write_chunk_kv
 from streamdit.model.presets import DiTConfig
 from streamdit.model.rope import apply_rope, rope_angles
 
@@ -60,9 +60,21 @@ class WanRMSNorm(nn.Module):
         self.reduce_sum_of_squares: Callable[[Tensor], Tensor] = _identity
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        sum_sq = self.reduce_sum_of_squares(xf.pow(2).sum(dim=-1, keepdim=True))
-        return (xf * torch.rsqrt(sum_sq / self.full_dim + self.eps)).to(x.dtype) * self.weight
+        return self.scale(x, self.reduce_sum_of_squares(_sum_sq(x)))
+
+    def scale(self, x: Tensor, sum_sq: Tensor) -> Tensor:
+        """Normalize `x` by its full-dim (already reduced) float32 sum of squares."""
+        return (x.float() * torch.rsqrt(sum_sq / self.full_dim + self.eps)).to(x.dtype) * self.weight
+
+
+def _sum_sq(x: Tensor) -> Tensor:
+    return x.float().pow(2).sum(dim=-1, keepdim=True)
+
+
+def norm_pair(norm_a: WanRMSNorm, a: Tensor, norm_b: WanRMSNorm, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Two RMSNorms over same-length rows with ONE reduction (under TP: one all-reduce, not two)."""
+    sums = norm_a.reduce_sum_of_squares(torch.cat([_sum_sq(a), _sum_sq(b)], dim=-1))
+    return norm_a.scale(a, sums[..., :1]), norm_b.scale(b, sums[..., 1:])
 
 
 class WanLayerNorm(nn.LayerNorm):
@@ -131,34 +143,28 @@ class _Attention(nn.Module):
 
 class WanSelfAttention(_Attention):
     def forward(
-        self, x: Tensor, rope: Rope, kv_cache: KVCache, slots: ChunkSlots, mask: Tensor | None
+        self, x: Tensor, rope: Rope, layer_kv: LayerKV, slots: ChunkSlots, mask: Tensor | None
     ) -> Tensor:
         b, length, _ = x.shape
         shape = (b, length, self.local_heads(), self.head_dim)
         x = x.to(self.q.weight.dtype)
-        q = apply_rope(self.norm_q(self.q(x)).view(shape), *rope)
-        k = apply_rope(self.norm_k(self.k(x)).view(shape), *rope)
-        k_all, v_all = kv_cache.update(self.layer_idx, k, self.v(x).view(shape), slots)
+        q, k = norm_pair(self.norm_q, self.q(x), self.norm_k, self.k(x))
+        q, k = apply_rope(q.view(shape), *rope), apply_rope(k.view(shape), *rope)
+        k_all, v_all = write_chunk_kv(layer_kv, k, self.v(x).view(shape), slots)
         return self._attend(q, k_all, v_all, mask)
 
 
 class WanCrossAttention(_Attention):
-    def forward(self, x: Tensor, text: Tensor | None, cross_cache: CrossAttnCache) -> Tensor:
+    def forward(self, x: Tensor, text_kv: LayerKV) -> Tensor:
         b, length, _ = x.shape
-        heads = self.local_heads()
-        q = self.norm_q(_linear(self.q, x)).view(b, length, heads, self.head_dim)
-        cached = cross_cache.lookup(self.layer_idx)
-        if cached is None:
-            if text is None:
-                raise ConfigError(
-                    f"cross_cache: layer {self.layer_idx} has no text K/V but the text path was "
-                    "skipped (cache partly filled by an interrupted call; reset it)"
-                )
-            shape = (text.shape[0], text.shape[1], heads, self.head_dim)
-            k = self.norm_k(_linear(self.k, text)).view(shape)
-            cached = (k, _linear(self.v, text).view(shape))
-            cross_cache.store(self.layer_idx, *cached)
-        return self._attend(q, cached[0], cached[1], None)
+        q = self.norm_q(_linear(self.q, x)).view(b, length, self.local_heads(), self.head_dim)
+        return self._attend(q, text_kv[0], text_kv[1], None)
+
+    def text_kv(self, text: Tensor) -> LayerKV:
+        """This layer's K/V of the (embedded) text; cached for the conditioning's lifetime."""
+        shape = (text.shape[0], text.shape[1], self.local_heads(), self.head_dim)
+        k = self.norm_k(_linear(self.k, text)).view(shape)
+        return k, _linear(self.v, text).view(shape)
 
 
 class WanAttentionBlock(nn.Module):
@@ -181,18 +187,23 @@ class WanAttentionBlock(nn.Module):
         x: Tensor,
         e0: Tensor,
         rope: Rope,
-        text: Tensor | None,
         *,
-        kv_cache: KVCache,
-        cross_cache: CrossAttnCache,
+        layer_kv: LayerKV,
+        text_kv: LayerKV,
         slots: ChunkSlots,
         mask: Tensor | None,
     ) -> Tensor:
+        """One block: the unit `compile_blocks` compiles (every block runs the same graph).
+
+        Only tensors and the slot bounds (Python ints, constant once the window is full) come
+        in; the block's own cache storage is passed as tensors, not looked up by layer index,
+        so nothing layer-specific is baked into the graph.
+        """
         # Wan's order: shift, scale, gate for self-attn, then for the FFN; each [B, 1, dim].
         mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        y = self.self_attn(self.norm1(x) * (1 + mod[1]) + mod[0], rope, kv_cache, slots, mask)
+        y = self.self_attn(self.norm1(x) * (1 + mod[1]) + mod[0], rope, layer_kv, slots, mask)
         x = x + y.float() * mod[2]
-        x = x + self.cross_attn(self.norm3(x), text, cross_cache).float()
+        x = x + self.cross_attn(self.norm3(x), text_kv).float()
         y = _linear_seq(self.ffn, self.norm2(x) * (1 + mod[4]) + mod[3])
         return x + y.float() * mod[5]
 
@@ -287,58 +298,56 @@ class CausalWanDiT(nn.Module):
         rope = rope_angles(self.cfg.head_dim, positions, grid[1], grid[2])
         dtype = self.patch_embedding.weight.dtype
         mask = kv_bias_mask(slots, kv_bias, dtype=dtype, device=x.device)
-        return self.forward_chunk(
-            x,
-            timestep,
-            context,
-            rope,
-            mask,
-            kv_cache=kv_cache,
-            cross_cache=cross_cache,
-            slots=slots,
-        )
+        if not cross_cache.filled:
+            self._fill_cross_cache(context, cross_cache)
+        layer_kvs = [kv_cache.layer(i) for i in range(len(self.blocks))]
+        return self.forward_chunk(x, timestep, rope, mask, layer_kvs, cross_cache.layers(), slots)
+
+    def _fill_cross_cache(self, context: Tensor, cross_cache: CrossAttnCache) -> None:
+        """Text K/V of every layer, once per conditioning (new prompt or a cache reset)."""
+        text = _linear_seq(self.text_embedding, context)
+        kvs = [block.cross_attn.text_kv(text) for block in self.blocks]
+        for i, (k, v) in enumerate(kvs):  # stored only once all layers succeeded
+            cross_cache.store(i, k, v)
 
     def forward_chunk(
         self,
         x: Tensor,
         timestep: Tensor,
-        context: Tensor,
         rope: Rope,
         mask: Tensor | None,
-        *,
-        kv_cache: KVCache,
-        cross_cache: CrossAttnCache,
+        layer_kvs: list[LayerKV],
+        text_kvs: list[LayerKV],
         slots: ChunkSlots,
     ) -> Tensor:
-        """The tensor math of one call, after `forward` did the cache bookkeeping: compile this.
+        """The tensor math of one call, after `forward` did the cache bookkeeping.
 
         Everything that depends on the absolute frame index (slot choice, eviction shift, RoPE
-        angles, KV-bias mask) was done by `forward`, so the only Python ints seen here are the
-        slot bounds, which are the same on every call once the window is full. Wrap it as
-        `model.forward_chunk = torch.compile(model.forward_chunk, ...)`; `forward` then calls
-        the compiled version.
+        angles, KV-bias mask) and the text path were done by `forward`; the only Python ints
+        seen here are the slot bounds, the same on every call once the window is full.
         """
         dtype = self.patch_embedding.weight.dtype
         tokens = self.patch_embedding(x.transpose(1, 2).to(dtype)).flatten(2).transpose(1, 2)
         e = _linear_seq(self.time_embedding, sinusoidal_embedding(self.cfg.freq_dim, timestep))
         e = e.float()
         e0 = self.time_projection(e.to(dtype)).float().unflatten(1, (6, self.cfg.dim))
-        text = None if cross_cache.filled else _linear_seq(self.text_embedding, context)
         h = tokens.float()
-        for block in self.blocks:
-            h = block(
-                h,
-                e0,
-                rope,
-                text,
-                kv_cache=kv_cache,
-                cross_cache=cross_cache,
-                slots=slots,
-                mask=mask,
-            )
+        for block, layer_kv, text_kv in zip(self.blocks, layer_kvs, text_kvs, strict=True):
+            h = block(h, e0, rope, layer_kv=layer_kv, text_kv=text_kv, slots=slots, mask=mask)
         _, ph, pw = self.cfg.patch_size
         grid = (x.shape[1], x.shape[3] // ph, x.shape[4] // pw)
         return self._unpatchify(self.head(h, e), grid).to(x.dtype)
+
+    def compile_blocks(self, **options: Any) -> None:
+        """Regional compile: every block compiled with the same graph (compiled once, reused).
+
+        Blocks differ only in their parameters and cache tensors, which dynamo treats as inputs,
+        so a 40-layer model compiles one block graph instead of unrolling 40 (minutes less).
+        Static shapes: the slot bounds are specialized (a handful of graphs while the window
+        fills, then one). `options` go to `torch.compile` (backend, mode).
+        """
+        for block in self.blocks:
+            block.compile(fullgraph=True, dynamic=False, **options)
 
     def _check_inputs(
         self,
@@ -369,6 +378,12 @@ class CausalWanDiT(nn.Module):
             raise ConfigError(
                 f"kv_cache: built for {kv_cache.num_layers} layers x {kv_cache.tokens_per_frame} "
                 f"tokens/frame, model has {len(self.blocks)} x {grid[1] * grid[2]}"
+            )
+        heads = self.blocks[0].self_attn.local_heads()
+        if (kv_cache.heads, kv_cache.head_dim) != (heads, cfg.head_dim):
+            raise ConfigError(
+                f"kv_cache: built for {kv_cache.heads} heads x {kv_cache.head_dim}; the model's local heads "
+                f"x head_dim are {heads} x {cfg.head_dim}"
             )
         if cross_cache.num_layers != len(self.blocks):
             raise ConfigError(f"cross_cache: {cross_cache.num_layers} layers != {len(self.blocks)}")

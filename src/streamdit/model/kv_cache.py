@@ -15,6 +15,8 @@ import torch
 
 from streamdit.errors import ConfigError, PlanError
 
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # one layer's (K, V)
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkSlots:
@@ -205,12 +207,25 @@ class KVCache:
                 f"kv_cache: layer {layer} K/V shapes {tuple(k.shape)}/{tuple(v.shape)} do not "
                 f"match [batch, tokens, local heads, head_dim] = {expected}"
             )
-        # Inference-only storage: detach so a grad-enabled caller cannot chain every chunk's
-        # autograd graph through the cache (unbounded memory growth over a stream).
-        k_buf, v_buf = self.k[layer], self.v[layer]
-        k_buf[:, slots.write_start : slots.write_end] = k.detach()
-        v_buf[:, slots.write_start : slots.write_end] = v.detach()
-        return k_buf[:, : slots.write_end], v_buf[:, : slots.write_end]
+        return write_chunk_kv((self.k[layer], self.v[layer]), k, v, slots)
+
+    def layer(self, layer: int) -> LayerKV:
+        """Layer `layer`'s whole K and V storage (what `write_chunk_kv` writes into)."""
+        return self.k[layer], self.v[layer]
+
+
+def write_chunk_kv(layer_kv: LayerKV, k: torch.Tensor, v: torch.Tensor, slots: ChunkSlots) -> LayerKV:
+    """Write one layer's chunk K/V into its storage at `slots`; return the keys/values attended.
+
+    Pure tensor code on one layer's storage (no bookkeeping, no layer index), so a compiled block
+    runs it for every layer with one graph; `KVCache.begin_chunk` chose the slots beforehand.
+    """
+    # Inference-only storage: detach so a grad-enabled caller cannot chain every chunk's
+    # autograd graph through the cache (unbounded memory growth over a stream).
+    k_buf, v_buf = layer_kv
+    k_buf[:, slots.write_start : slots.write_end] = k.detach()
+    v_buf[:, slots.write_start : slots.write_end] = v.detach()
+    return k_buf[:, : slots.write_end], v_buf[:, : slots.write_end]
 
 
 class CrossAttnCache:
@@ -237,9 +252,15 @@ class CrossAttnCache:
         """True when every layer holds text K/V (the generator may skip the text path)."""
         return all(entry is not None for entry in self._kv)
 
-    def lookup(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def lookup(self, layer: int) -> LayerKV | None:
         """Layer `layer`'s cached (k, v), or None when it must be computed."""
         return self._kv[layer]
+
+    def layers(self) -> list[LayerKV]:
+        """Every layer's (k, v); only valid when `filled`."""
+        if not self.filled:
+            raise ConfigError("cross_cache: read before every layer was filled (reset it and rebuild)")
+        return [entry for entry in self._kv if entry is not None]
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Keep layer `layer`'s text K/V until the next `reset()`."""

@@ -43,13 +43,14 @@ def tp_collectives_per_call(cfg: DiTConfig) -> dict[str, int]:
     """Collectives of one generator call, by kind.
 
     Steady state (text K/V cached), per block: 3 row-parallel all-reduces of [tokens, dim]
-    (self o, cross o, ffn.2) and 3 tiny [tokens, 1] sum-of-squares all-reduces (self norm_q,
-    self norm_k, cross norm_q). A call that rebuilds the cross-attention cache (new conditioning
-    or `reset_crossattn_cache`) adds one tiny [text_len, 1] all-reduce per block (cross norm_k).
+    (self o, cross o, ffn.2) and 2 tiny sum-of-squares all-reduces: [tokens, 2] for self norm_q
+    and norm_k together (`norm_pair`), [tokens, 1] for cross norm_q. A call that rebuilds the
+    cross-attention cache (new conditioning or `reset_crossattn_cache`) adds one tiny
+    [text_len, 1] all-reduce per block (cross norm_k).
     """
     return {
         "large": 3 * cfg.num_layers,
-        "tiny": 3 * cfg.num_layers,
+        "tiny": 2 * cfg.num_layers,
         "tiny_on_text_rebuild": cfg.num_layers,
     }
 
@@ -83,6 +84,9 @@ def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: b
         return
     reducer = all_reduce_sum_inplace if inplace_collectives else all_reduce_sum
     reduce = partial(reducer, handle=handle, allowed=TP_GROUP)
+    # One hook object for every row-parallel module: a compiled block then guards on the same
+    # function in every layer and reuses its graph (compile_blocks).
+    output_hook = _output_reducer(reduce)
     for _, module, style in targets:
         if style == COLWISE:
             _keep_rows(module, rank, size)
@@ -91,7 +95,7 @@ def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: b
             module.reduce_sum_of_squares = reduce
         elif style == ROWWISE:
             _keep_cols(module, rank, size)
-            module.register_forward_hook(_output_reducer(reduce))
+            module.register_forward_hook(output_hook)
 
 
 def _check_unsharded(model: CausalWanDiT, targets: list[tuple[str, nn.Module, str]]) -> None:

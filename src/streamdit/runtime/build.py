@@ -117,9 +117,9 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
     cfg = run.cfg
     model = model if model is not None else build_model(run)
     if cfg.compile:
-        # forward keeps the cache bookkeeping eager; forward_chunk is pure tensor math with
-        # static shapes once the window is full (see CausalWanDiT.forward_chunk).
-        model.forward_chunk = torch.compile(model.forward_chunk, fullgraph=True)
+        # forward keeps the cache bookkeeping eager; each block is compiled (one shared graph,
+        # static shapes once the window is full: see CausalWanDiT.compile_blocks).
+        model.compile_blocks()
     return GeneratorRunner(
         model,
         scheduler=FlowMatchScheduler(shift=cfg.shift),
