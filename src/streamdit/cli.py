@@ -47,6 +47,11 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
     p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
     p.add_argument("--output-digest-every", type=int, default=d.output_digest_every, help="0 = off")
+    p.add_argument(
+        "--no-fingerprint-on-init-cache",
+        action="store_true",
+        help="check weight fingerprints at startup only, not again on each cache re-init",
+    )
     p.add_argument("--preset", default=d.preset, help="DiT preset: tiny | wan-1.3b | wan-14b")
     p.add_argument("--vae", default=None, help="VAE preset: tiny | wan (default follows --preset)")
     p.add_argument("--height", type=int, default=d.height, help="pixel height, multiple of 16")
@@ -104,6 +109,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dist_timeout_s=args.dist_timeout,
         input_digest_every=args.input_digest_every,
         output_digest_every=args.output_digest_every,
+        fingerprint_on_init_cache=not args.no_fingerprint_on_init_cache,
         preset=args.preset,
         vae=args.vae,
         height=args.height,

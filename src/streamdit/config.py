@@ -49,6 +49,8 @@ class RunConfig:
     """Compare digests of every rank's Phase B inputs every N chunks (0 = off)."""
     output_digest_every: int = 4
     """Compare digests of every rank's generator output every N chunks (0 = off)."""
+    fingerprint_on_init_cache: bool = True
+    """Re-check weight fingerprints (OM-12) on every later chunk that re-initializes the cache."""
     preset: str = "tiny"
     """DiT preset: tiny | wan-1.3b | wan-14b."""
     vae: str | None = None
@@ -182,6 +184,7 @@ class RunConfig:
             "dist_timeout_s": repr(self.dist_timeout_s),
             "input_digest_every": str(self.input_digest_every),
             "output_digest_every": str(self.output_digest_every),
+            "fingerprint_on_init_cache": str(self.fingerprint_on_init_cache),
             "seed": str(self.seed),
             "preset": self.preset,
             "height": str(self.height),

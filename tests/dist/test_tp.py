@@ -247,6 +247,23 @@ def test_om12_mutated_replicated_weight_trips_the_fingerprint_check() -> None:
     _all_failed_fast(outcomes, "ParityError", "fingerprint")
 
 
+def test_om12_weight_mutated_mid_stream_is_caught_at_the_next_init_cache(tmp_path: Path) -> None:
+    """Fingerprints are re-checked on a later chunk that re-initializes the cache (a hard cut)."""
+    timeline = tmp_path / "tl.json"
+    timeline.write_text('{"entries": [{"chunk": 0, "prompt": "a"}, {"chunk": 2, "prompt": "b", "transition": "hard"}]}')
+    hooks = {
+        "STREAMDIT_TEST_MUTATE_WEIGHT_RANK": "1",
+        "STREAMDIT_TEST_MUTATE_WEIGHT_AT_CHUNK": "1",
+        "STREAMDIT_TEST_DUMP_LATENTS": str(tmp_path / "lat"),
+    }
+    # output digests off: only the fingerprint check can catch the mutation
+    flags = ["--timeline", str(timeline), "--output-digest-every", "0"]
+    outcomes = _spawn([flags, flags], hooks, out_dir=tmp_path)
+    _all_failed_fast(outcomes, "ParityError", "replicated-weight fingerprint differs on ranks [1]")
+    # chunks 0 and 1 were generated (the mutation ran undetected through chunk 1), chunk 2 was not
+    assert len(_latents(tmp_path / "lat")) == 2
+
+
 def test_c04_auto_backend_resolving_differently_fails_at_startup() -> None:
     outcomes = _spawn([[], []], {"STREAMDIT_TEST_BACKEND_RANK": "1:efficient"})
     _all_failed_fast(outcomes, "ParityError", "effective_attn_backend")

@@ -3,12 +3,14 @@ replicated / sharded fingerprint split of a TP-sharded model (computed locally p
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import get_dit_config
+from streamdit.parallel import parity
 from streamdit.parallel.groups import GroupHandle
-from streamdit.parallel.parity import MISSING, diff_table, fingerprints, tensor_digest
+from streamdit.parallel.parity import MISSING, diff_table, fingerprints, param_checksum, tensor_digest
 from streamdit.parallel.tp import apply_tp
 
 CPU = torch.device("cpu")
@@ -71,3 +73,24 @@ def test_fingerprints_split_replicated_from_sharded() -> None:
     with torch.no_grad():
         ranks[1].blocks[1].self_attn.q.weight[0, 0] += 1e-3  # a shard
     assert fingerprints(ranks[1])["sharded"] != fp[1]["sharded"]
+
+
+def test_param_checksum_sees_every_element_and_its_position(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.randn(3, 1000, generator=gen).to(dtype)
+        base = param_checksum(t)
+        assert base == param_checksum(t.clone())
+        bumped = t.clone()
+        bits = bumped.view(torch.int32 if dtype == torch.float32 else torch.int16)
+        bits[2, 999] += 1  # the smallest change: one bit of one element
+        assert param_checksum(bumped)[0] != base[0]
+        swapped = t.clone()
+        swapped[0, 0], swapped[1, 5] = t[1, 5], t[0, 0]
+        assert t[0, 0] != t[1, 5] and param_checksum(swapped)[1] != base[1]
+    # the sums are what the docstring says, also across checksum blocks
+    big = torch.arange(70, dtype=torch.int32)
+    expected = (sum(range(70)), sum(i * (i + 1) for i in range(70)))
+    assert param_checksum(big) == expected
+    monkeypatch.setattr(parity, "_CHECKSUM_BLOCK", 16)
+    assert param_checksum(big) == expected

@@ -77,6 +77,29 @@ def tensor_digest(t: torch.Tensor) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
+_CHECKSUM_BLOCK = 1 << 24  # elements per step: bounds the int64 temporaries (128 MiB)
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def param_checksum(t: torch.Tensor) -> tuple[int, int]:
+    """Two int64 sums over a tensor's bit patterns, computed where the tensor lives.
+
+    (sum of bits, sum of bits x position weight): any changed element changes the first, a
+    swap of elements the second. Integer sums wrap deterministically, so equal bits give equal
+    sums on every rank. Used for weight fingerprints, where copying a 14B model to the CPU for
+    a byte hash (tensor_digest) would take many seconds on every hard cut.
+    """
+    flat = t.detach().reshape(-1)
+    bits = flat.view(_INT_VIEW[flat.element_size()])
+    total = weighted = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, bits.numel(), _CHECKSUM_BLOCK):
+        block = bits[start : start + _CHECKSUM_BLOCK].to(torch.int64)
+        weight = torch.arange(start, start + block.numel(), device=t.device, dtype=torch.int64) % 65521 + 1
+        total = total + block.sum()
+        weighted = weighted + (block * weight).sum()
+    return int(total), int(weighted)
+
+
 def fingerprints(model: nn.Module) -> dict[str, int]:
     """One digest over the replicated parameters and one over the sharded ones."""
     parts: dict[str, hashlib.blake2b] = {
@@ -89,7 +112,11 @@ def fingerprints(model: nn.Module) -> dict[str, int]:
         if style == ROWWISE and leaf == "bias":
             continue  # zero on ranks > 0 by design: neither replicated nor a shard
         part = "replicated" if style is None else "sharded"
-        parts[part].update(name.encode() + tensor_digest(param).to_bytes(8, "little"))
+        total, weighted = param_checksum(param)
+        header = f"{name}{param.dtype}{tuple(param.shape)}".encode()
+        parts[part].update(
+            header + total.to_bytes(8, "little", signed=True) + weighted.to_bytes(8, "little", signed=True)
+        )
     return {k: int.from_bytes(h.digest(), "little") >> 1 for k, h in parts.items()}
 
 

@@ -33,6 +33,8 @@ class FaultPlan:
     """Sleep this long after each chunk is written (gives signal tests a window)."""
     mutate_weight_rank: int | None = None
     """OM-12: this rank perturbs a replicated weight after sharding."""
+    mutate_weight_at_chunk: int | None = None
+    """OM-12 mid-stream: the perturbation happens before this chunk's Phase B instead."""
     perturb_input_rank: int | None = None
     """OM-11: this worker perturbs the latents it received (receiver side)."""
     backend_override: tuple[int, str] | None = None
@@ -53,6 +55,7 @@ class FaultPlan:
             extra_generator_calls=_int(cfg, "EXTRA_GENERATOR_CALLS") or 0,
             slow_chunk_ms=_int(cfg, "SLOW_CHUNK_MS") or 0,
             mutate_weight_rank=_int(cfg, "MUTATE_WEIGHT_RANK"),
+            mutate_weight_at_chunk=_int(cfg, "MUTATE_WEIGHT_AT_CHUNK"),
             perturb_input_rank=_int(cfg, "PERTURB_INPUT_RANK"),
             backend_override=_rank_value(cfg, "BACKEND_RANK"),
             bad_plan_at_chunk=_int(cfg, "BAD_PLAN_AT_CHUNK"),
@@ -74,8 +77,9 @@ class FaultPlan:
             return self.backend_override[1]
         return resolved
 
-    def mutate_weights(self, model: torch.nn.Module, rank: int) -> None:
-        if self.mutate_weight_rank == rank:
+    def mutate_weights(self, model: torch.nn.Module, rank: int, chunk_index: int | None = None) -> None:
+        """At startup (`chunk_index` None) or before Phase B of `mutate_weight_at_chunk`."""
+        if self.mutate_weight_rank == rank and chunk_index == self.mutate_weight_at_chunk:
             param = model.get_parameter("head.modulation")  # replicated under TP
             with torch.no_grad():
                 param.add_(1e-3)

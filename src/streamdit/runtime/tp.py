@@ -21,6 +21,7 @@ import dataclasses
 import logging
 
 import torch
+from torch import nn
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import EXIT_PEER_ABORT, DriftError, ParityError, StreamditError
@@ -83,7 +84,7 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
             faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
             exit_fn=flight.exit_after_dump(flight_path),
         )
-        tripwires = Tripwires(cfg, groups)
+        tripwires = Tripwires(cfg, groups, model)
         if launch.rank == 0:
             return _rank0(run, runner, channel, tripwires, faults, stop)
         _worker(runner, channel, tripwires, faults, groups.global_rank)
@@ -114,14 +115,19 @@ def _parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
 
 
 class Tripwires:
-    """Input and output digest parity across the TP group (protocol.md §10)."""
+    """Input and output digest parity and weight fingerprints across the TP group (protocol.md §10)."""
 
-    def __init__(self, cfg: RunConfig, groups: Groups) -> None:
+    def __init__(self, cfg: RunConfig, groups: Groups, model: nn.Module) -> None:
         self.input_every = cfg.input_digest_every
         self.output_every = cfg.output_digest_every
+        self.fingerprint_on_init_cache = cfg.fingerprint_on_init_cache
         self.groups = groups
+        self.model = model
 
     def inputs(self, ids: ChunkIds, inputs: GeneratorInputs) -> None:
+        # Every rank acts on the same envelope, so all of them take (or skip) these collectives.
+        if self.fingerprint_on_init_cache and inputs.init_cache and ids.chunk_index > 0:
+            check_replicated_fingerprints(self.model, self.groups.tp, allowed="tp", log=log)
         if self.input_every and ids.chunk_index % self.input_every == 0:
             self._compare("input", ids, [_field_digest(inputs, name) for name in GENERATOR_INPUT_FIELDS])
 
@@ -182,6 +188,7 @@ def _rank0(
 
     def publish(ids: ChunkIds, inputs: GeneratorInputs) -> None:
         channel.send(tp_envelope(Action.INFER, ids, faults.corrupt_plan(ids.chunk_index, inputs)))
+        faults.mutate_weights(runner.model, 0, ids.chunk_index)
         tripwires.inputs(ids, inputs)
 
     def check(ids: ChunkIds, inputs: GeneratorInputs, latents: torch.Tensor) -> None:
@@ -238,6 +245,7 @@ def _worker(
         if msg.action is Action.ERROR:
             raise PeerAbort(f"rank0 aborted the stream ({msg.reason}) at call_id={msg.call_id}")
         inputs = faults.perturb_inputs(GeneratorInputs(**msg.payload()), rank)
+        faults.mutate_weights(runner.model, rank, ids.chunk_index)
         tripwires.inputs(ids, inputs)
         latents = runner.run(inputs, ids)
         tripwires.output(ids, latents)
