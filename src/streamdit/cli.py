@@ -17,6 +17,8 @@ from streamdit import __version__
 from streamdit.config import (
     DEFAULT_STEP_LIST,
     DEFAULT_V2V_STEP_LIST,
+    RECOMPUTE,
+    TOPOLOGIES,
     LaunchEnv,
     RunConfig,
     is_tty_allowed,
@@ -42,7 +44,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
-    p.add_argument("--topology", default=d.topology, choices=["single", "tp"], help="process layout")
+    p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES), help="process layout")
     p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp)")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
     p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
@@ -76,7 +78,14 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator (slow first chunk)")
-    p.add_argument("--no-kv-recompute", action="store_true", help="keep the last call's K/V instead (R1)")
+    p.add_argument(
+        "--recompute",
+        default=d.recompute,
+        choices=list(RECOMPUTE),
+        help="KV recompute: off (R1) | r0a (rank0 anchor) | r0 (generator-side latent anchor)",
+    )
+    p.add_argument("--no-kv-recompute", action="store_true", help="same as --recompute off")
+    p.add_argument("--queue-depth", type=int, default=d.queue_depth, help="pp: envelopes in flight (D)")
     p.add_argument("--local-attn-frames", type=int, default=d.local_attn_frames, help="KV window in frames")
     p.add_argument("--sink-frames", type=int, default=d.sink_frames, help="never-evicted first frames")
     p.add_argument("--soft-bias", type=float, default=d.soft_bias, help="KV bias on soft transitions")
@@ -128,7 +137,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dtype=args.dtype,
         attn_backend=args.attn_backend,
         compile=args.compile,
-        kv_recompute=not args.no_kv_recompute,
+        recompute="off" if args.no_kv_recompute else args.recompute,
+        queue_depth=args.queue_depth,
         local_attn_frames=args.local_attn_frames,
         sink_frames=args.sink_frames,
         soft_bias=args.soft_bias,
@@ -190,13 +200,17 @@ def _run(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None
         from streamdit.runtime.tp import run_tp
 
         return run_tp(cfg, launch, stop)
+    if cfg.topology == "pp":
+        from streamdit.runtime.pp import run_pp
+
+        return run_pp(cfg, launch, stop)
     from streamdit.runtime.single import run_single
 
     return run_single(cfg, stop)
 
 
 def _report(summary: RunSummary | None) -> int:
-    if summary is None:  # a TP worker: rank0 reports for the job
+    if summary is None:  # a generator-only rank: rank0 reports for the job
         return 0
     if summary.stopped_early:
         print(
@@ -205,8 +219,13 @@ def _report(summary: RunSummary | None) -> int:
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
+    pp = ""
+    if summary.overlap_score is not None or summary.dropped_stale:
+        score = "n/a" if summary.overlap_score is None else f"{summary.overlap_score:.3f}"
+        pp = f"; overlap_score={score} dropped_stale={summary.dropped_stale}"
     print(
-        f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} in {summary.seconds:.1f} s"
+        f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} "
+        f"in {summary.seconds:.1f} s{pp}"
     )
     return 0
 

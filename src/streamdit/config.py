@@ -24,7 +24,8 @@ DEFAULT_STEP_LIST = (1000, 750, 500, 250)
 # fewer and later steps than text-to-video (StreamDiffusionV2 style).
 DEFAULT_V2V_STEP_LIST = (750, 500)
 OUTPUT_SUFFIXES = (".mp4", ".npy")
-TOPOLOGIES = ("single", "tp")
+TOPOLOGIES = ("single", "tp", "pp")
+RECOMPUTE = ("off", "r0a", "r0")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
 
 
@@ -40,7 +41,8 @@ class RunConfig:
     """Everything one run needs. Fields that change which collectives run are parity keys."""
 
     topology: str = "single"
-    """single | tp (rank0 runs A + C and a generator shard; workers run Phase B only)."""
+    """single | tp (rank0 runs A + C and a generator shard; workers run Phase B only) | pp (rank0
+    runs A + C only; ranks 1..N-1 form the generator mesh, TP inside it when N-1 > 1)."""
     nproc: int = 1
     """Local ranks `streamdit run` starts itself (through torch's elastic launcher) for tp."""
     dist_timeout_s: float = 30.0
@@ -87,8 +89,13 @@ class RunConfig:
     """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
     compile: bool = False
     """torch.compile the generator's blocks (one shared graph; cache bookkeeping stays eager)."""
-    kv_recompute: bool = True
-    """Rebuild the KV cache from clean context frames before each chunk after the first."""
+    recompute: str = "r0a"
+    """KV recompute before each chunk after the first (protocol.md §7): off (R1, keep the last
+    call's K/V), r0a (rank0 supplies the anchor from its decode: exact, but under pp the next
+    envelope waits for the previous decode), r0 (generator ranks build the anchor from their own
+    latents: no dependency on rank0, a different anchor)."""
+    queue_depth: int = 2
+    """pp: envelopes in flight to the mesh (D); 1 serializes the two stages."""
     local_attn_frames: int = 6
     """KV window in latent frames, current chunk included."""
     sink_frames: int = 0
@@ -140,6 +147,8 @@ class RunConfig:
             "denoising_step_list",
             f"{steps} must be strictly decreasing",
         )
+        _check(self.recompute in RECOMPUTE, "recompute", f"{self.recompute!r} is not one of {RECOMPUTE}")
+        _check(self.queue_depth >= 1, "queue_depth", f"must be >= 1, got {self.queue_depth}")
         _check(self.dtype in DTYPES, "dtype", f"{self.dtype!r} is not one of {DTYPES}")
         _check(
             self.out.suffix in OUTPUT_SUFFIXES,
@@ -169,6 +178,10 @@ class RunConfig:
             )
 
     @property
+    def kv_recompute(self) -> bool:
+        return self.recompute != "off"
+
+    @property
     def context_frames(self) -> int:
         """Clean latent frames re-encoded by a recompute call: one anchor plus the most recent."""
         return self.frames_per_chunk
@@ -195,7 +208,8 @@ class RunConfig:
             "dtype": self.dtype,
             "attn_backend": self.attn_backend,
             "compile": str(self.compile),
-            "kv_recompute": str(self.kv_recompute),
+            "recompute": self.recompute,
+            "queue_depth": str(self.queue_depth),
             "local_attn_frames": str(self.local_attn_frames),
             "sink_frames": str(self.sink_frames),
         }
@@ -265,6 +279,17 @@ def nccl_environment_defaults() -> dict[str, str]:
         "NVSHMEM_DISABLE_NVLS": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     }
+
+
+def cpu_thread_defaults(nproc: int) -> dict[str, str]:
+    """OMP_NUM_THREADS for `nproc` local ranks (as torchrun does), unless the user set it.
+
+    Ranks run concurrently under pp (Stage 0 decodes while the mesh denoises): with every
+    process spinning OpenMP threads on every core, each phase slows down several times.
+    """
+    if "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nproc)))}
 
 
 def apply_environment(values: Mapping[str, str]) -> list[str]:

@@ -97,6 +97,12 @@ class OrphanedError(StreamditError):
     exit_code = EXIT_ORPHANED
 
 
+class PeerAbort(StreamditError):
+    """A peer announced a failure with an ERROR action; this rank exits without computing."""
+
+    exit_code = EXIT_PEER_ABORT
+
+
 class Poisoned(StreamditError):
     """An exception after a commitment point: the process must exit, never continue."""
 

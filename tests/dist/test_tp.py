@@ -28,25 +28,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ranks import BOUND_S, GEOM, all_failed_fast, env, latents, spawn_ranks
+
 pytestmark = pytest.mark.timeout(180)
-GEOM = ["--height", "32", "--width", "48"]
-BOUND_S = 30.0  # every rank must be gone this long after start (short PG timeouts below)
 TIMELINE = (
     '{"entries": [{"chunk": 0, "prompt": "a fox"}, {"chunk": 2, "prompt": "a fox at night", '
     '"transition": "soft"}, {"chunk": 4, "prompt": "a harbour", "transition": "hard"}]}'
 )
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMDIT_TEST_")}
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def _latents(path: Path) -> list[np.ndarray]:
-    return [np.load(p) for p in sorted(path.glob("chunk*.npy"))]
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +57,10 @@ def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.
         "--no-progress",
     ]
     proc = subprocess.run(
-        cmd, env=_env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)), capture_output=True, text=True, timeout=120
+        cmd, env=env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)), capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    return tmp / "v.npy", _latents(dump)
+    return tmp / "v.npy", latents(dump)
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
@@ -103,7 +91,7 @@ def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
     ]
     proc = subprocess.run(
         cmd,
-        env=_env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)),
+        env=env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)),
         capture_output=True,
         text=True,
         timeout=150,
@@ -111,7 +99,7 @@ def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ref_video, ref_latents = single_run
-    got = _latents(dump)
+    got = latents(dump)
     assert len(got) == len(ref_latents) == 6
     for k, (a, b) in enumerate(zip(got, ref_latents, strict=True)):
         assert np.abs(a - b).max() <= 1e-4, f"chunk {k}: max abs diff {np.abs(a - b).max()}"
@@ -124,93 +112,6 @@ def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat", "m.jsonl", "tl.json", "v.npy"]  # rank0 only
 
 
-@dataclass
-class Outcome:
-    rank: int
-    code: int
-    seconds: float
-    log: str
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(
-    flags: list[list[str]],
-    hooks: dict[str, str] | None = None,
-    *,
-    per_rank: dict[int, dict[str, str]] | None = None,
-    out_dir: Path | None = None,
-) -> list[Outcome]:
-    """Start one process per rank with a torchrun-compatible env; kill every group on exit.
-
-    `hooks` go to every rank; `per_rank` adds variables to single ranks only.
-    """
-    port, world = _free_port(), len(flags)
-    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="streamdit-tp-"))
-    procs, t0 = [], time.monotonic()
-    for rank, extra in enumerate(flags):
-        env = _env(
-            RANK=str(rank),
-            WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            **(hooks or {}),
-            **(per_rank or {}).get(rank, {}),
-        )
-        cmd = [
-            sys.executable,
-            "-m",
-            "streamdit",
-            "run",
-            "--topology",
-            "tp",
-            *GEOM,
-            "--chunks",
-            "3",
-            "--out",
-            str(out_dir / "v.npy"),
-            "--no-progress",
-            "--dist-timeout",
-            "10",
-            *extra,
-        ]
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                start_new_session=True,
-            )
-        )
-    outcomes = []
-    try:
-        for rank, p in enumerate(procs):
-            left = max(1.0, BOUND_S + 30 - (time.monotonic() - t0))
-            out, _ = p.communicate(timeout=left)
-            outcomes.append(Outcome(rank, p.returncode, time.monotonic() - t0, out))
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-    return outcomes
-
-
-def _all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None:
-    for o in outcomes:
-        assert o.code != 0, f"rank {o.rank} exited 0:\n{o.log[-3000:]}"
-        assert o.seconds < BOUND_S, f"rank {o.rank} took {o.seconds:.1f}s"
-        assert error in o.log, f"rank {o.rank} lacks {error}:\n{o.log[-3000:]}"
-        for needle in needles:
-            assert needle in o.log, f"rank {o.rank} lacks {needle!r}:\n{o.log[-3000:]}"
-
-
 @pytest.mark.parametrize(
     ("rank1_flags", "key"),
     [
@@ -221,18 +122,18 @@ def _all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None
     ids=["steps", "preset", "digest-flag"],
 )
 def test_rank_flag_mismatch_fails_every_rank_with_the_table(rank1_flags: list[str], key: str) -> None:
-    outcomes = _spawn([[], rank1_flags])
-    _all_failed_fast(outcomes, "ParityError", key)
+    outcomes = spawn_ranks([[], rank1_flags])
+    all_failed_fast(outcomes, "ParityError", key)
 
 
 def test_test_hook_on_one_rank_only_is_a_parity_failure() -> None:
-    outcomes = _spawn([[], []], per_rank={1: {"STREAMDIT_TEST_SLOW_CHUNK_MS": "5"}})
-    _all_failed_fast(outcomes, "ParityError", "STREAMDIT_TEST_SLOW_CHUNK_MS")
+    outcomes = spawn_ranks([[], []], per_rank={1: {"STREAMDIT_TEST_SLOW_CHUNK_MS": "5"}})
+    all_failed_fast(outcomes, "ParityError", "STREAMDIT_TEST_SLOW_CHUNK_MS")
 
 
 def test_om11_perturbed_input_on_a_worker_trips_the_input_digest(tmp_path: Path) -> None:
-    outcomes = _spawn([[], []], {"STREAMDIT_TEST_PERTURB_INPUT_RANK": "1"}, out_dir=tmp_path)
-    _all_failed_fast(outcomes, "DriftError", "input digest mismatch on ranks [1]", "latents", "chunk_index=0")
+    outcomes = spawn_ranks([[], []], {"STREAMDIT_TEST_PERTURB_INPUT_RANK": "1"}, out_dir=tmp_path)
+    all_failed_fast(outcomes, "DriftError", "input digest mismatch on ranks [1]", "latents", "chunk_index=0")
     for o in outcomes:  # each rank left a flight record: what it sent / received, then the fatal error
         path = re.search(r"flight record: (\S+)", o.log)
         assert path, o.log[-2000:]
@@ -243,8 +144,8 @@ def test_om11_perturbed_input_on_a_worker_trips_the_input_digest(tmp_path: Path)
 
 
 def test_om12_mutated_replicated_weight_trips_the_fingerprint_check() -> None:
-    outcomes = _spawn([[], []], {"STREAMDIT_TEST_MUTATE_WEIGHT_RANK": "1"})
-    _all_failed_fast(outcomes, "ParityError", "fingerprint")
+    outcomes = spawn_ranks([[], []], {"STREAMDIT_TEST_MUTATE_WEIGHT_RANK": "1"})
+    all_failed_fast(outcomes, "ParityError", "fingerprint")
 
 
 def test_om12_weight_mutated_mid_stream_is_caught_at_the_next_init_cache(tmp_path: Path) -> None:
@@ -258,19 +159,19 @@ def test_om12_weight_mutated_mid_stream_is_caught_at_the_next_init_cache(tmp_pat
     }
     # output digests off: only the fingerprint check can catch the mutation
     flags = ["--timeline", str(timeline), "--output-digest-every", "0"]
-    outcomes = _spawn([flags, flags], hooks, out_dir=tmp_path)
-    _all_failed_fast(outcomes, "ParityError", "replicated-weight fingerprint differs on ranks [1]")
+    outcomes = spawn_ranks([flags, flags], hooks, out_dir=tmp_path)
+    all_failed_fast(outcomes, "ParityError", "replicated-weight fingerprint differs on ranks [1]")
     # chunks 0 and 1 were generated (the mutation ran undetected through chunk 1), chunk 2 was not
-    assert len(_latents(tmp_path / "lat")) == 2
+    assert len(latents(tmp_path / "lat")) == 2
 
 
 def test_c04_auto_backend_resolving_differently_fails_at_startup() -> None:
-    outcomes = _spawn([[], []], {"STREAMDIT_TEST_BACKEND_RANK": "1:efficient"})
-    _all_failed_fast(outcomes, "ParityError", "effective_attn_backend")
+    outcomes = spawn_ranks([[], []], {"STREAMDIT_TEST_BACKEND_RANK": "1:efficient"})
+    all_failed_fast(outcomes, "ParityError", "effective_attn_backend")
 
 
 def test_om03_inconsistent_plan_is_rejected_by_rank0_before_the_broadcast() -> None:
-    rank0, worker = _spawn([[], []], {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1"})
+    rank0, worker = spawn_ranks([[], []], {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1"})
     assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
     assert "PlanMismatchError" in rank0.log and "expected_generator_calls" in rank0.log
     assert "chunk_index=1" in rank0.log
@@ -281,7 +182,7 @@ def test_om03_inconsistent_plan_is_rejected_by_rank0_before_the_broadcast() -> N
 
 def test_om03_inconsistent_plan_forced_past_rank0_is_rejected_by_the_worker() -> None:
     hooks = {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1", "STREAMDIT_TEST_SKIP_SENDER_VALIDATION": "1"}
-    outcomes = _spawn([[], []], hooks)
+    outcomes = spawn_ranks([[], []], hooks)
     rank0, worker = outcomes
     # the worker rejects from the meta alone, before allocating tensors or entering Phase B
     assert worker.code != 0 and worker.seconds < BOUND_S, worker.log[-3000:]

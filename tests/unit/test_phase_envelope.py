@@ -54,7 +54,7 @@ def test_conditioning_cache_is_bounded_over_many_prompt_changes(tmp_path: Path, 
     )
     tl = tmp_path / "many.json"
     tl.write_text('{"entries": [{"chunk": 0, "prompt": "start"},' + entries + "]}")
-    cfg = RunConfig(height=32, width=48, chunks=30, timeline=tl, kv_recompute=False)
+    cfg = RunConfig(height=32, width=48, chunks=30, timeline=tl, recompute="off")
     run = validate_run(cfg)
     stage0, _ = build_stage0(run)
     first_embeds = []

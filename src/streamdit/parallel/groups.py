@@ -34,15 +34,29 @@ class GroupHandle:
 @dataclass(frozen=True, slots=True)
 class Groups:
     world: GroupHandle
-    tp: GroupHandle
+    tp: GroupHandle | None  # tp topology: every rank
     backend: str
     device: torch.device
     global_rank: int
     world_size: int
+    mesh: GroupHandle | None = None  # pp: ranks 1..N-1 (None on rank0, which is never in it)
+    link: GroupHandle | None = None  # pp: ranks {0, 1}, results leader -> rank0
+
+    @property
+    def phase_b(self) -> GroupHandle:
+        """The group every Phase B collective runs on: `tp` (tp) or `mesh` (pp mesh ranks)."""
+        handle = self.tp if self.tp is not None else self.mesh
+        if handle is None:
+            raise ConfigError(f"rank {self.global_rank} runs no Phase B (pp Stage 0) [field=group]")
+        return handle
 
 
-def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float) -> Groups:
-    """Join the job's process group and create the TP group (= all ranks for `tp`).
+def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float, topology: str = "tp") -> Groups:
+    """Join the job's process group and create the Phase B group(s).
+
+    `tp`: a TP group of all ranks. `pp`: `mesh` = ranks 1..N-1 (rank0 is asserted out of it)
+    and `link` = ranks {0, 1} for the leader's results, so envelopes (on world) and results
+    flow in both directions at once without one blocking send waiting on the other.
 
     gloo for a CPU `device`, NCCL for CUDA. On CUDA an index-less device becomes
     `cuda:LOCAL_RANK` and is made current BEFORE the process group exists (NCCL binds its
@@ -73,15 +87,31 @@ def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float) ->
     )
     world_pg = dist.group.WORLD
     assert world_pg is not None
-    # A distinct TP group even when it spans the world: wrappers can then tell a TP collective
-    # issued on the world group (OM-08) from a correct one.
-    tp_pg = dist.new_group(ranks=list(range(launch.world_size)), timeout=timeout, backend=backend)
     world = GroupHandle(world_pg, "world", dist.get_rank(world_pg), dist.get_world_size(world_pg), device)
-    tp = GroupHandle(tp_pg, "tp", dist.get_rank(tp_pg), dist.get_world_size(tp_pg), device)
     log.info(
         "groups: rank %d/%d backend=%s timeout=%.0fs", launch.rank, launch.world_size, backend, timeout_s
     )
+    if topology == "pp":
+        mesh = _subgroup("mesh", list(range(1, launch.world_size)), launch.rank, timeout, backend, device)
+        link = _subgroup("link", [0, 1], launch.rank, timeout, backend, device)
+        return Groups(world, None, backend, device, launch.rank, launch.world_size, mesh=mesh, link=link)
+    # A distinct TP group even when it spans the world: wrappers can then tell a TP collective
+    # issued on the world group (OM-08) from a correct one.
+    tp = _subgroup("tp", list(range(launch.world_size)), launch.rank, timeout, backend, device)
+    assert tp is not None
     return Groups(world, tp, backend, device, launch.rank, launch.world_size)
+
+
+def _subgroup(
+    name: str, ranks: list[int], rank: int, timeout: timedelta, backend: str, device: torch.device
+) -> GroupHandle | None:
+    """Every rank calls new_group (a collective); only members get a handle."""
+    if name == "mesh" and (0 in ranks or not ranks):
+        raise ConfigError(f"mesh_pg must be ranks 1..N-1 and never rank0, got {ranks} [field=mesh]")
+    pg = dist.new_group(ranks=ranks, timeout=timeout, backend=backend)
+    if rank not in ranks:
+        return None
+    return GroupHandle(pg, name, dist.get_rank(pg), dist.get_world_size(pg), device)
 
 
 def destroy_groups(groups: Groups | None) -> None:

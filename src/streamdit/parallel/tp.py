@@ -60,8 +60,12 @@ def local_heads(model: CausalWanDiT) -> int:
     return model.blocks[0].self_attn.local_heads()
 
 
-def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: bool = False) -> None:
+def apply_tp(
+    model: CausalWanDiT, handle: GroupHandle, *, group: str = TP_GROUP, inplace_collectives: bool = False
+) -> None:
     """Shard `model` in place for group rank `handle.rank` of `handle.size`.
+
+    `group` names the only group its collectives may use: "tp" (tp topology) or "mesh" (pp).
 
     `inplace_collectives` swaps the functional all-reduce for c10d's in-place one (eager
     benchmarks only: it cannot be compiled without graph breaks).
@@ -70,7 +74,7 @@ def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: b
     whole. The replaced Parameters hold fresh copies of their slices: the full weights are freed
     as soon as the caller drops its own references to them.
     """
-    check_group(handle, TP_GROUP)
+    check_group(handle, group)
     cfg, size, rank = model.cfg, handle.size, handle.rank
     for name, value in (("num_heads", cfg.num_heads), ("ffn_dim", cfg.ffn_dim)):
         if value % size:
@@ -83,7 +87,7 @@ def apply_tp(model: CausalWanDiT, handle: GroupHandle, *, inplace_collectives: b
     if size == 1:
         return
     reducer = all_reduce_sum_inplace if inplace_collectives else all_reduce_sum
-    reduce = partial(reducer, handle=handle, allowed=TP_GROUP)
+    reduce = partial(reducer, handle=handle, allowed=group)
     # One hook object for every row-parallel module: a compiled block then guards on the same
     # function in every layer and reuses its graph (compile_blocks).
     output_hook = _output_reducer(reduce)

@@ -128,6 +128,7 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
         sink_frames=cfg.sink_frames,
         device=run.device,
         dtype=run.dtype,
+        latent_anchor_frames=cfg.context_frames if cfg.recompute == "r0" else 0,
     )
 
 

@@ -8,6 +8,7 @@ plan at a named point; with no hooks set every point is inert.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,15 @@ class FaultPlan:
     skip_sender_validation: bool = False
     """OM-03 worker side: rank0's preflight skips message validation, so the inconsistent plan
     reaches the worker, which must reject it before Phase B."""
+    wrong_group_at_chunk: int | None = None
+    """OM-08: Phase B issues this chunk's digest all-gather on the world group (must raise)."""
+    stage0_ms: int = 0
+    """O rows: rank0 adds this fixed cost to each chunk's Phase C (a known Stage 0 time)."""
+    stage1_ms: int = 0
+    """O rows: the generator ranks add this fixed cost to each chunk's Phase B."""
+    decode_before_send: bool = False
+    """O-02: a planted serialization bug: pp rank0 decodes every result before sending the next
+    envelope (the overlap signature must catch it)."""
     dump_latents: Path | None = None
     """Rank0 saves every chunk's generator output here as float32 .npy (equivalence tests)."""
 
@@ -60,6 +70,10 @@ class FaultPlan:
             backend_override=_rank_value(cfg, "BACKEND_RANK"),
             bad_plan_at_chunk=_int(cfg, "BAD_PLAN_AT_CHUNK"),
             skip_sender_validation=bool(_int(cfg, "SKIP_SENDER_VALIDATION")),
+            wrong_group_at_chunk=_int(cfg, "WRONG_GROUP_AT_CHUNK"),
+            stage0_ms=_int(cfg, "STAGE0_MS") or 0,
+            stage1_ms=_int(cfg, "STAGE1_MS") or 0,
+            decode_before_send=bool(_int(cfg, "DECODE_BEFORE_SEND")),
             dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
@@ -71,6 +85,12 @@ class FaultPlan:
         if self.dump_latents is not None:
             self.dump_latents.mkdir(parents=True, exist_ok=True)
             np.save(self.dump_latents / f"chunk{chunk_index:04d}.npy", latents.float().cpu().numpy())
+
+    def stage_cost(self, stage: int) -> None:
+        """The fixed, known cost of the O rows: stage 0 = rank0's Phase C, 1 = Phase B."""
+        ms = self.stage0_ms if stage == 0 else self.stage1_ms
+        if ms:
+            time.sleep(ms / 1e3)
 
     def effective_backend(self, resolved: str, rank: int) -> str:
         if self.backend_override and self.backend_override[0] == rank:

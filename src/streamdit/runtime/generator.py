@@ -45,8 +45,14 @@ class GeneratorRunner:
         sink_frames: int,
         device: torch.device,
         dtype: torch.dtype,
+        latent_anchor_frames: int = 0,
     ) -> None:
         self.model = model
+        # Recompute r0: > 0 = this runner builds each chunk's context itself, from the first
+        # latent frame of the epoch plus its most recent outputs (latent_anchor_frames in all).
+        self.latent_anchor_frames = latent_anchor_frames
+        self._first_latent: torch.Tensor | None = None
+        self._recent: torch.Tensor | None = None
         self.scheduler = scheduler
         self.device = device
         self.dtype = dtype
@@ -79,7 +85,7 @@ class GeneratorRunner:
     @torch.no_grad()
     def run(self, inputs: GeneratorInputs, ids: ChunkIds) -> torch.Tensor:
         """Denoise one chunk; returns x0 latents `[1, F, 16, h, w]`."""
-        inputs.check(ids)
+        inputs.check(ids, latent_anchor=self.latent_anchor_frames > 0)
         self._apply_resets(inputs, ids)
         text = inputs.conditioning_embeds.to(self.device, self.dtype)
         start = self.calls_made
@@ -89,7 +95,18 @@ class GeneratorRunner:
         for _ in range(self.extra_calls):
             self._call(x0, 0.0, text, inputs.current_start_frame, inputs.kv_cache_attention_bias)
         inputs.plan.assert_observed(self.calls_made - start, ids)
+        self._remember(x0)
         return x0
+
+    def _remember(self, x0: torch.Tensor) -> None:
+        """r0: keep the epoch's first latent frame and the latest outputs (the next anchor)."""
+        if not self.latent_anchor_frames:
+            return
+        if self._first_latent is None:
+            self._first_latent = x0[:, :1].clone()
+        keep = self.latent_anchor_frames - 1
+        joined = x0 if self._recent is None else torch.cat([self._recent, x0], dim=1)
+        self._recent = joined[:, joined.shape[1] - keep :].clone()
 
     def _apply_resets(self, inputs: GeneratorInputs, ids: ChunkIds) -> None:
         geometry = CacheGeometry(height=inputs.height, width=inputs.width)
@@ -105,12 +122,22 @@ class GeneratorRunner:
             self.kv_cache = self._allocate_kv(geometry)
         if inputs.init_cache or inputs.reset_kv_cache:
             self.kv_cache.reset()
+        if inputs.init_cache:
+            self._first_latent = self._recent = None
         if inputs.init_cache or inputs.reset_crossattn_cache or inputs.conditioning_updated:
             self.cross_cache.reset()
 
     def _recompute(self, inputs: GeneratorInputs, text: torch.Tensor) -> None:
         """Rebuild the cache from clean context frames: one call at timestep 0, no KV bias."""
         ctx = inputs.context_frames_override
+        if self.latent_anchor_frames:
+            if self._first_latent is None or self._recent is None:
+                raise PlanError(
+                    "recompute r0 without a previous chunk in this epoch (do_kv_recompute on the "
+                    "epoch's first chunk)",
+                    field="do_kv_recompute",
+                )
+            ctx = torch.cat([self._first_latent, self._recent], dim=1)
         assert ctx is not None  # GeneratorInputs.check enforces it
         ctx = ctx.to(self.device, self.dtype)
         self.kv_cache.reset()

@@ -3,7 +3,8 @@
 Owns: `launch_local(argv, nproc)`: `streamdit run --topology tp --nproc N ...` re-runs the same
 command as N local ranks with the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR, MASTER_PORT), a free rendezvous port, and no restarts (a failed rank fails the
-job: crash > hang). The NCCL multicast switches are set before the ranks start.
+job: crash > hang). The NCCL multicast switches and, like torchrun, OMP_NUM_THREADS (cores /
+nproc) are set before the ranks start.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import sys
 import uuid
 
-from streamdit.config import apply_environment, nccl_environment_defaults
+from streamdit.config import apply_environment, cpu_thread_defaults, nccl_environment_defaults
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def launch_local(argv: list[str], nproc: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    apply_environment(nccl_environment_defaults())  # children inherit it
+    apply_environment({**nccl_environment_defaults(), **cpu_thread_defaults(nproc)})  # children inherit it
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

@@ -1,12 +1,19 @@
 """Per-chunk metrics: the JSON-lines record every topology writes, and a terminal progress bar.
 
 Owns: `ChunkMetrics` (one line per chunk), `MetricsWriter` (append + flush per line, so a crash
-keeps every finished chunk's line) and `Progress` (a one-line bar on a TTY, silent otherwise).
+keeps every finished chunk's line), `overlap_score` (protocol.md §8) and `Progress` (a one-line
+bar on a TTY, silent otherwise).
+
+pp fields (None elsewhere): `stage0_ms` = Phase A + C wall time of the chunk on rank0,
+`stage1_ms` and `mesh_idle_ms` as the leader measured them (its clock, no sync needed),
+`period_ms` between successive emits, `d_in` / `d_out` queue depths and `in_flight` when the
+chunk was emitted.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,6 +33,31 @@ class ChunkMetrics:
     phase_c_ms: float
     transition: str
     kv_recompute: bool
+    stage0_ms: float | None = None
+    stage1_ms: float | None = None
+    period_ms: float | None = None
+    mesh_idle_ms: float | None = None
+    in_flight: int | None = None
+    d_in: int | None = None
+    d_out: int | None = None
+
+
+WARMUP_CHUNKS = 2  # first chunks excluded from overlap statistics (pipeline filling)
+
+
+def overlap_score(records: list[ChunkMetrics], warmup: int = WARMUP_CHUNKS) -> float | None:
+    """median over chunks of hidden_k / min(stage0_k, stage1_k), hidden_k = max(0, stage0_k +
+    stage1_k - period_k): 1 = the shorter stage fully hidden behind the longer, 0 = serialized.
+    None when fewer than 2 chunks after warm-up carry the pp fields."""
+    ratios = []
+    for r in records[warmup:]:
+        if r.stage0_ms is None or r.stage1_ms is None or r.period_ms is None:
+            continue
+        shorter = min(r.stage0_ms, r.stage1_ms)
+        if shorter > 0:
+            hidden = max(0.0, r.stage0_ms + r.stage1_ms - r.period_ms)
+            ratios.append(min(1.0, hidden / shorter))
+    return statistics.median(ratios) if len(ratios) >= 2 else None
 
 
 class MetricsWriter:

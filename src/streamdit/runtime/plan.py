@@ -109,13 +109,19 @@ class GeneratorInputs:
             expected_generator_calls=self.expected_generator_calls,
         )
 
-    def check(self, ids: ChunkIds | None = None) -> None:
-        """Plan consistency and the override rule; Phase B runs this before any model call."""
+    def check(self, ids: ChunkIds | None = None, *, latent_anchor: bool = False) -> None:
+        """Plan consistency and the override rule; Phase B runs this before any model call.
+
+        `latent_anchor` (recompute r0): the generator builds the context itself, so a shipped
+        override is forbidden whether or not the chunk recomputes.
+        """
         self.plan.check(int(self.denoising_step_list.numel()), ids)
         has_ctx = self.context_frames_override is not None
-        if self.do_kv_recompute != has_ctx:
+        if has_ctx != (self.do_kv_recompute and not latent_anchor):
             why = (
-                "required when do_kv_recompute"
+                "forbidden under recompute r0 (the generator builds its own anchor)"
+                if latent_anchor
+                else "required when do_kv_recompute"
                 if self.do_kv_recompute
                 else "forbidden without do_kv_recompute"
             )

@@ -109,12 +109,23 @@ class Stage0:
             denoising_step_list=self.step_list.clone(),
             latents=self._start_latents(base_seed, first=init),
             conditioning_embeds=embeds,
-            context_frames_override=self._context(start) if plan.do_kv_recompute else None,
+            context_frames_override=self._context(start) if self._ships_context(plan) else None,
         )
-        inputs.check(ids)  # the driver never ships a plan it would reject itself
+        inputs.check(ids, latent_anchor=self.cfg.recompute == "r0")  # never ship a plan we'd reject
         self.next_start_frame += self.cfg.frames_per_chunk
         transition = "start" if chunk_index == 0 else "hard" if init else "soft" if ps.soft_active else "none"
         return ids, inputs, ChunkNotes(prompt=ps.prompt, transition=transition)
+
+    def _ships_context(self, plan: PhasePlan) -> bool:
+        # r0: the generator ranks build the anchor from their own latents
+        return plan.do_kv_recompute and self.cfg.recompute == "r0a"
+
+    def needs_previous_decode(self, chunk_index: int) -> bool:
+        """True when `prepare(chunk_index)` reads buffers that `finish` of the previous chunk
+        fills (r0a recompute): a pipelined driver must decode everything in flight first."""
+        if chunk_index == 0 or self.cfg.recompute != "r0a":
+            return False
+        return not self.timeline.state(chunk_index).hard_cut
 
     def take_call_id(self) -> int:
         """The next call_id: strictly increasing over every message rank0 sends, any action."""

@@ -4,6 +4,9 @@ Owns: parsing and validating timeline files (TOML or JSON), and answering, per c
 prompt state Phase A needs: the prompt (or the two prompts being blended and the blend weight),
 and whether this chunk is a hard cut. Hard cuts bump `cache_epoch` and reset every cache; soft
 transitions blend the conditioning over `blend_chunks` chunks and de-weight cached keys.
+A "hard" cut is scheduled: every chunk before it is shown. A "cut" is a hard cut that takes
+effect at once, like a live user's: under `pp`, chunks of the old scene still in flight are
+dropped (never decoded); in the other topologies nothing is in flight, so it equals "hard".
 
 File format (JSON shown; TOML uses `[[entries]]` tables with the same keys):
 
@@ -24,7 +27,7 @@ from typing import Any
 
 from streamdit.errors import ConfigError
 
-TRANSITIONS = ("hard", "soft")
+TRANSITIONS = ("hard", "soft", "cut")
 ENTRY_KEYS = {"chunk", "prompt", "transition", "blend_chunks"}
 
 
@@ -44,6 +47,7 @@ class PromptState:
     previous: str | None  # prompt blended from during a soft transition, else None
     alpha: float  # weight of `prompt` in the blend (1.0 = no blend)
     hard_cut: bool  # a hard transition starts at this chunk (not chunk 0)
+    drop_in_flight: bool = False  # the hard cut is immediate ("cut"): stale chunks are dropped
     soft_active: bool  # a soft transition is blending at this chunk
 
     @property
@@ -81,7 +85,7 @@ class Timeline:
     def state(self, chunk: int) -> PromptState:
         idx = max(i for i, e in enumerate(self.entries) if e.chunk <= chunk)
         cur = self.entries[idx]
-        hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition == "hard"
+        hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition in ("hard", "cut")
         if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < cur.blend_chunks:
             alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
             prev = self.entries[idx - 1].prompt
@@ -90,7 +94,14 @@ class Timeline:
                     prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True
                 )
             return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
-        return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=hard_cut, soft_active=False)
+        return PromptState(
+            prompt=cur.prompt,
+            previous=None,
+            alpha=1.0,
+            hard_cut=hard_cut,
+            soft_active=False,
+            drop_in_flight=hard_cut and cur.transition == "cut",
+        )
 
 
 def parse_entries(data: Any, path: Path) -> list[TimelineEntry]:

@@ -21,13 +21,11 @@ import dataclasses
 import logging
 
 import torch
-from torch import nn
 
 from streamdit.config import LaunchEnv, RunConfig
-from streamdit.errors import EXIT_PEER_ABORT, DriftError, ParityError, StreamditError
-from streamdit.parallel.collectives import all_gather_int64
+from streamdit.errors import DriftError, ParityError, PeerAbort, StreamditError
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
-from streamdit.parallel.parity import check_replicated_fingerprints, handshake, tensor_digest
+from streamdit.parallel.parity import check_replicated_fingerprints, handshake
 from streamdit.parallel.tp import apply_tp
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults
 from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
@@ -40,15 +38,10 @@ from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
 from streamdit.runtime.single import build_stage0
+from streamdit.runtime.tripwires import Tripwires
 
 log = logging.getLogger(__name__)
 TP_PLAN = "generator_only"
-
-
-class PeerAbort(StreamditError):
-    """rank0 announced a failure with an ERROR action; the worker exits without computing."""
-
-    exit_code = EXIT_PEER_ABORT
 
 
 def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
@@ -63,7 +56,7 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
     groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s)
     try:
         flight.record({"name": "start", "detail": f"world_size={launch.world_size}"})
-        handshake(_parity_items(run, groups), groups.world, allowed="world", log=log)
+        handshake(parity_items(run, groups), groups.world, allowed="world", log=log)
         model = build_model(run)
         # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with functional
         # ones, bench/results/tp_wan14b_h200x2_eager.json). Compiled: functional, so the
@@ -84,7 +77,7 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
             faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
             exit_fn=flight.exit_after_dump(flight_path),
         )
-        tripwires = Tripwires(cfg, groups, model)
+        tripwires = Tripwires(cfg, groups.tp, model, faults=faults, world=groups.world)
         if launch.rank == 0:
             return _rank0(run, runner, channel, tripwires, faults, stop)
         _worker(runner, channel, tripwires, faults, groups.global_rank)
@@ -98,7 +91,8 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         destroy_groups(groups)
 
 
-def _parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
+def parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
+    """The job-wide parity keys of protocol.md §6 (also used by pp)."""
     items = run.cfg.parity_items()
     items.update(
         {
@@ -112,52 +106,6 @@ def _parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
         }
     )
     return items
-
-
-class Tripwires:
-    """Input and output digest parity and weight fingerprints across the TP group (protocol.md §10)."""
-
-    def __init__(self, cfg: RunConfig, groups: Groups, model: nn.Module) -> None:
-        self.input_every = cfg.input_digest_every
-        self.output_every = cfg.output_digest_every
-        self.fingerprint_on_init_cache = cfg.fingerprint_on_init_cache
-        self.groups = groups
-        self.model = model
-
-    def inputs(self, ids: ChunkIds, inputs: GeneratorInputs) -> None:
-        # Every rank acts on the same envelope, so all of them take (or skip) these collectives.
-        if self.fingerprint_on_init_cache and inputs.init_cache and ids.chunk_index > 0:
-            check_replicated_fingerprints(self.model, self.groups.tp, allowed="tp", log=log)
-        if self.input_every and ids.chunk_index % self.input_every == 0:
-            self._compare("input", ids, [_field_digest(inputs, name) for name in GENERATOR_INPUT_FIELDS])
-
-    def output(self, ids: ChunkIds, latents: torch.Tensor) -> None:
-        if self.output_every and ids.chunk_index % self.output_every == 0:
-            self._compare("output", ids, [tensor_digest(latents)])
-
-    def _compare(self, what: str, ids: ChunkIds, mine: list[int]) -> None:
-        every = all_gather_int64(mine, self.groups.tp, allowed="tp")
-        bad = [r for r, theirs in enumerate(every) if theirs != every[0]]
-        if not bad:
-            return
-        names = GENERATOR_INPUT_FIELDS if what == "input" else ("latents_out",)
-        fields = sorted(
-            {names[i] for r in bad for i, (a, b) in enumerate(zip(every[0], every[r], strict=True)) if a != b}
-        )
-        table = "; ".join(f"rank{r}: " + ",".join(f"{v:016x}" for v in d) for r, d in enumerate(every))
-        raise DriftError(
-            f"{what} digest mismatch on ranks {bad} vs rank 0 (fields {fields}); {table}",
-            field=fields[0] if fields else what,
-            group="tp",
-            **ids.as_kwargs(),
-        )
-
-
-def _field_digest(inputs: GeneratorInputs, name: str) -> int:
-    value = getattr(inputs, name)
-    if isinstance(value, torch.Tensor):
-        return tensor_digest(value)
-    return tensor_digest(torch.tensor([float(value if value is not None else -1)], dtype=torch.float64))
 
 
 def tp_envelope(

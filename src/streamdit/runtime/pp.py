@@ -1,0 +1,209 @@
+"""The `pp` topology: rank0 out of the mesh (Stage 0 = Phase A + C), ranks 1..N-1 run Phase B.
+
+Owns: `run_pp(cfg, launch, stop)`, one rank's startup and role. Roles (protocol.md §5): rank0 =
+Stage 0, owns the video and metrics, never loads the generator and never touches `mesh_pg`;
+global rank 1 = mesh leader; ranks 2..N-1 = mesh peers (TP inside `mesh_pg` when N-1 > 1, PP1;
+PP0 is a mesh of one). Startup, before any inference, on every rank: groups (world, mesh, link),
+the parity handshake on world (pp keys included), then on the mesh only: model, TP sharding on
+`mesh_pg`, fingerprints. Any fatal error leaves a flight record per rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from streamdit.config import LaunchEnv, RunConfig
+from streamdit.errors import ConfigError, DriftError, ParityError, PeerAbort
+from streamdit.parallel.groups import Groups, destroy_groups, init_groups
+from streamdit.parallel.parity import check_replicated_fingerprints, handshake
+from streamdit.parallel.tp import apply_tp
+from streamdit.protocol.channel import BroadcastChannel, ChannelFaults, P2PChannel
+from streamdit.protocol.errors import TransportError
+from streamdit.protocol.header import Action, Kind
+from streamdit.runtime.build import ValidatedRun, build_generator, build_model, validate_run
+from streamdit.runtime.driver import RunSummary
+from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.flight import FlightRecorder
+from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.plan import ChunkIds
+from streamdit.runtime.pp_link import LEADER, StageLink
+from streamdit.runtime.pp_mesh import MeshRank
+from streamdit.runtime.pp_stage0 import drive_pipelined, pp_envelope
+from streamdit.runtime.single import build_stage0
+from streamdit.runtime.tp import parity_items
+from streamdit.runtime.tripwires import Tripwires
+
+log = logging.getLogger(__name__)
+
+MESH = "mesh"  # the only group Phase B collectives may use under pp
+
+
+def run_pp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
+    """One rank of a pp job; returns rank0's summary, None on mesh ranks."""
+    if launch.world_size < 2:
+        raise ConfigError(
+            f"pp needs at least 2 ranks (rank0 + a mesh), got {launch.world_size} [field=nproc]"
+        )
+    run = validate_run(cfg, generator_only=launch.rank != 0)
+    if run.device.type == "cuda":
+        run = dataclasses.replace(run, device=torch.device("cuda", launch.local_rank))
+    faults = FaultPlan.from_config(cfg)
+    run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
+    flight = FlightRecorder(label=f"rank{launch.rank}")
+    flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
+    groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s, topology="pp")
+    teardown = Teardown()
+    try:
+        flight.record(
+            {"name": "start", "detail": f"world_size={launch.world_size} role={_role(launch.rank)}"}
+        )
+        handshake(_pp_parity_items(run, groups), groups.world, allowed="world", log=log)
+        channel_kw = {
+            "device": run.device,
+            "observer": flight,
+            "exit_fn": flight.exit_after_dump(flight_path),
+        }
+        if launch.rank == 0:
+            # rank0's channels belong to comm threads: a poisoned send must not kill the
+            # process from that thread; the main thread closes the video, then exits with it.
+            rank0_kw = {**channel_kw, "exit_fn": flight.exit_after_dump(flight_path, exit_fn=_stay)}
+            return _stage0(run, groups, faults, stop, rank0_kw, teardown)
+        _mesh(run, groups, faults, channel_kw)
+        return None
+    except BaseException as exc:
+        flight.record({"name": "fatal", "detail": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        log.error("flight record: %s", flight.dump(flight_path))
+        raise
+    finally:
+        if teardown.destroy_groups:
+            destroy_groups(groups)
+        else:
+            log.critical("poisoned: process groups left as they are (no further dist calls)")
+
+
+@dataclass
+class Teardown:
+    destroy_groups: bool = True  # False once a comm thread is poisoned or stuck in a transfer
+
+
+def _stay(code: int) -> None:
+    """exit_fn for comm-thread channels: the channel then raises Poisoned into the thread."""
+
+
+def _role(rank: int) -> str:
+    return "stage0" if rank == 0 else "leader" if rank == LEADER else "mesh"
+
+
+def _pp_parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
+    items = parity_items(run, groups)
+    for key in ("tp_plan", "tp_envelope_version"):
+        items.pop(key, None)
+    items.update({"pp_envelope_version": "1", "mesh_size": str(groups.world_size - 1)})
+    return items
+
+
+def _stage0(
+    run: ValidatedRun,
+    groups: Groups,
+    faults: FaultPlan,
+    stop: StopFlag,
+    channel_kw: dict,
+    teardown: Teardown,
+) -> RunSummary:
+    """rank0: Phase A + C only (no generator), through the two comm threads."""
+    assert groups.mesh is None and groups.link is not None  # rank0 is never in mesh_pg
+    stage0, chunks = build_stage0(run)
+    link = StageLink(
+        P2PChannel(
+            groups.world.pg,
+            LEADER,
+            role="stage0",
+            group_name="world",
+            kinds=frozenset({Kind.PP_ENVELOPE}),
+            faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
+            **channel_kw,
+        ),
+        P2PChannel(
+            groups.link.pg,
+            1,
+            role="stage0",
+            group_name="link",
+            kinds=frozenset({Kind.PP_RESULT}),
+            **channel_kw,
+        ),
+        depth=run.cfg.queue_depth,
+        device=run.device,
+        timeout_s=run.cfg.dist_timeout_s,
+        now=time.perf_counter,
+    )
+    link.start()
+    try:
+        summary = drive_pipelined(
+            run.cfg, chunks=chunks, stage0=stage0, link=link, device=run.device, faults=faults, stop=stop
+        )
+    except BaseException as exc:
+        # Tell the mesh only about failures it cannot see: not its own (PeerAbort), not a dead
+        # link, not a comparison every mesh rank made itself.
+        mesh_knows = (
+            isinstance(exc, PeerAbort | TransportError | DriftError | ParityError) or link.failed is not None
+        )
+        terminal = (
+            None if mesh_knows else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
+        )
+        teardown.destroy_groups = link.close(terminal) and not link.poisoned
+        raise
+    teardown.destroy_groups = link.close(
+        _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
+    )
+    return summary
+
+
+def _terminal(call_id: int, epoch: int, action: Action, exc: BaseException | None):  # noqa: ANN202
+    ids = ChunkIds(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
+    extra = {"reason": f"{type(exc).__name__}: {exc}"[:200]} if exc is not None else {}
+    return pp_envelope(action, ids, "off", **extra)
+
+
+def _mesh(run: ValidatedRun, groups: Groups, faults: FaultPlan, channel_kw: dict) -> None:
+    """Mesh ranks: build and shard the generator on mesh_pg, check fingerprints, serve."""
+    mesh = groups.mesh
+    assert mesh is not None
+    model = build_model(run)
+    apply_tp(model, mesh, group=MESH, inplace_collectives=not run.cfg.compile)
+    faults.mutate_weights(model, groups.global_rank)
+    check_replicated_fingerprints(model, mesh, allowed=MESH, log=log)
+    runner = build_generator(run, model)
+    runner.extra_calls = faults.extra_generator_calls
+    tripwires = Tripwires(run.cfg, mesh, model, faults=faults, world=groups.world)
+    broadcast = None
+    if mesh.size > 1:
+        broadcast = BroadcastChannel(
+            mesh.pg,
+            0,
+            role="leader" if mesh.rank == 0 else "mesh",
+            group_name=MESH,
+            kinds=frozenset({Kind.PP_ENVELOPE}),
+            **channel_kw,
+        )
+    rank = MeshRank(runner, tripwires, faults, groups, broadcast=broadcast)
+    if mesh.rank != 0:
+        rank.run_peer()
+        return
+    assert groups.link is not None
+    envelopes = P2PChannel(
+        groups.world.pg,
+        0,
+        role="leader",
+        group_name="world",
+        kinds=frozenset({Kind.PP_ENVELOPE}),
+        **channel_kw,
+    )
+    results = P2PChannel(
+        groups.link.pg, 0, role="leader", group_name="link", kinds=frozenset({Kind.PP_RESULT}), **channel_kw
+    )
+    rank.run_leader(envelopes, results)

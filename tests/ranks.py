@@ -1,0 +1,135 @@
+"""Launch streamdit ranks as separate processes, the way torchrun would, for the dist tests.
+
+Owns: `spawn_ranks` (one process per rank with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT, each rank with its own flags; every process group is killed on exit, so a test can
+never leave a hung rank behind), `run_cli` (the `--nproc` form through torch's elastic launcher),
+`all_failed_fast` (the matrix's "good failure" assertions), `latents` (the chunks a run dumped).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+BOUND_S = 30.0  # every rank must be gone this long after start (short PG timeouts below)
+GEOM = ["--height", "32", "--width", "48"]
+
+
+def env(**extra: str) -> dict[str, str]:
+    """This environment without STREAMDIT_TEST_* hooks, with src on PYTHONPATH, plus `extra`."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("STREAMDIT_TEST_")}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    out["PYTHONPATH"] = src + os.pathsep + out.get("PYTHONPATH", "")
+    out.update(extra)
+    return out
+
+
+def latents(path: Path) -> list[np.ndarray]:
+    return [np.load(p) for p in sorted(path.glob("chunk*.npy"))]
+
+
+def run_cli(args: list[str], *, hooks: dict[str, str] | None = None, cwd: Path, timeout: float = 150):
+    """`streamdit run ARGS` in a subprocess (a launcher run starts its own ranks)."""
+    cmd = [sys.executable, "-m", "streamdit", "run", *args, "--no-progress"]
+    return subprocess.run(
+        cmd, env=env(**(hooks or {})), capture_output=True, text=True, timeout=timeout, cwd=cwd
+    )
+
+
+@dataclass
+class Outcome:
+    rank: int
+    code: int
+    seconds: float
+    log: str
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_ranks(
+    flags: list[list[str]],
+    hooks: dict[str, str] | None = None,
+    *,
+    topology: str = "tp",
+    per_rank: dict[int, dict[str, str]] | None = None,
+    out_dir: Path | None = None,
+    chunks: int = 3,
+) -> list[Outcome]:
+    """Start one process per rank with a torchrun-compatible env; kill every group on exit.
+
+    `hooks` go to every rank; `per_rank` adds variables to single ranks only.
+    """
+    port, world = free_port(), len(flags)
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"streamdit-{topology}-"))
+    procs, t0 = [], time.monotonic()
+    for rank, extra in enumerate(flags):
+        rank_env = env(
+            RANK=str(rank),
+            WORLD_SIZE=str(world),
+            LOCAL_RANK=str(rank),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)),  # as torchrun / the launcher
+            **(hooks or {}),
+            **(per_rank or {}).get(rank, {}),
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "streamdit",
+            "run",
+            "--topology",
+            topology,
+            *GEOM,
+            "--chunks",
+            str(chunks),
+            "--out",
+            str(out_dir / "v.npy"),
+            "--no-progress",
+            "--dist-timeout",
+            "10",
+            *extra,
+        ]
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                env=rank_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
+    outcomes = []
+    try:
+        for rank, p in enumerate(procs):
+            left = max(1.0, BOUND_S + 30 - (time.monotonic() - t0))
+            out, _ = p.communicate(timeout=left)
+            outcomes.append(Outcome(rank, p.returncode, time.monotonic() - t0, out))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    return outcomes
+
+
+def all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None:
+    for o in outcomes:
+        assert o.code != 0, f"rank {o.rank} exited 0:\n{o.log[-3000:]}"
+        assert o.seconds < BOUND_S, f"rank {o.rank} took {o.seconds:.1f}s"
+        assert error in o.log, f"rank {o.rank} lacks {error}:\n{o.log[-3000:]}"
+        for needle in needles:
+            assert needle in o.log, f"rank {o.rank} lacks {needle!r}:\n{o.log[-3000:]}"
