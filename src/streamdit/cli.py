@@ -45,7 +45,7 @@ def _int_list(text: str) -> tuple[int, ...]:
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES), help="process layout")
-    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp)")
+    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp, pp)")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
     p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
     p.add_argument("--output-digest-every", type=int, default=d.output_digest_every, help="0 = off")
@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_drain_handlers(stop)
     try:
         cfg = config_from_args(args)
+        if cfg.topology == "pp" and not launch.launched and cfg.nproc < 2:
+            raise ConfigError(
+                f"--topology pp needs --nproc >= 2 (rank0 + a mesh), got {cfg.nproc} [field=nproc]"
+            )
         if cfg.topology != "single" and not launch.launched:
             from streamdit.runtime.launch import launch_local
 

@@ -76,6 +76,20 @@ def test_pp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat", "m.jsonl", "tl.json", "v.npy"]  # rank0 only
 
 
+def test_recompute_r0_builds_the_same_anchor_in_every_topology(tmp_path: Path) -> None:
+    """r0: the generator ranks keep their own latents as the anchor; single and PP1 agree."""
+    base = [*GEOM, "--chunks", "5", "--recompute", "r0"]
+    runs = {}
+    for name, extra in (("single", []), ("pp", ["--topology", "pp", "--nproc", "3", "--dist-timeout", "20"])):
+        hooks = {"STREAMDIT_TEST_DUMP_LATENTS": str(tmp_path / name)}
+        proc = run_cli([*base, *extra, "--out", str(tmp_path / f"{name}.npy")], hooks=hooks, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = latents(tmp_path / name)
+    assert len(runs["single"]) == len(runs["pp"]) == 5
+    for k, (a, b) in enumerate(zip(runs["pp"], runs["single"], strict=True)):
+        assert np.abs(a - b).max() <= 1e-4, f"chunk {k}: max abs diff {np.abs(a - b).max()}"
+
+
 def test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly(tmp_path: Path) -> None:
     hooks = {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1", "STREAMDIT_TEST_SKIP_SENDER_VALIDATION": "1"}
     rank0, leader, peer = spawn_ranks([[], [], []], hooks, topology="pp", out_dir=tmp_path)

@@ -120,6 +120,9 @@ def test_video_to_video(tmp_path: Path) -> None:
         (["--preset", "huge"], "preset"),
         (["--step-list", "500,750"], "denoising_step_list"),
         (["--input-video", "/nonexistent/in.mp4"], "input_video"),
+        (["--topology", "pp", "--nproc", "1"], "nproc"),
+        (["--queue-depth", "0"], "queue_depth"),
+        (["--recompute", "r0", "--local-attn-frames", "5"], "local_attn_frames"),
     ],
 )
 def test_bad_input_exits_2_naming_the_field(tmp_path: Path, capsys, args: list[str], needle: str) -> None:

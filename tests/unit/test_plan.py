@@ -78,3 +78,10 @@ def test_seeds_are_stable_and_distinct() -> None:
     a = seeded_normal(5, (4, 4), device=torch.device("cpu"), dtype=torch.float32)
     b = seeded_normal(5, (4, 4), device=torch.device("cpu"), dtype=torch.float32)
     assert torch.equal(a, b) and not torch.equal(a, seeded_normal(6, (4, 4), device=a.device, dtype=a.dtype))
+
+
+def test_latent_anchor_forbids_a_shipped_context() -> None:
+    """recompute r0: the generator builds the anchor, so the envelope never carries one."""
+    _inputs(context_frames_override=None).check(IDS, latent_anchor=True)
+    with pytest.raises(PlanError, match="forbidden under recompute r0"):
+        _inputs().check(IDS, latent_anchor=True)

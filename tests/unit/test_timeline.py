@@ -58,3 +58,13 @@ def test_bad_entries_name_the_field(tmp_path: Path, entries: str, needle: str) -
     path.write_text('{"entries": ' + entries + "}")
     with pytest.raises(ConfigError, match=needle):
         Timeline.load(path)
+
+
+def test_immediate_cut_is_a_hard_cut_that_drops_in_flight_chunks(tmp_path: Path) -> None:
+    (tmp_path / "t.json").write_text(
+        '{"entries": [{"chunk": 0, "prompt": "a"}, {"chunk": 2, "prompt": "b", "transition": "hard"},'
+        ' {"chunk": 4, "prompt": "c", "transition": "cut"}]}'
+    )
+    states = [Timeline.load(tmp_path / "t.json").state(k) for k in range(6)]
+    assert [s.hard_cut for s in states] == [False, False, True, False, True, False]
+    assert [s.drop_in_flight for s in states] == [False, False, False, False, True, False]
