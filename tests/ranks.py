@@ -59,7 +59,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(
+def start_ranks(
     flags: list[list[str]],
     hooks: dict[str, str] | None = None,
     *,
@@ -67,14 +67,15 @@ def spawn_ranks(
     per_rank: dict[int, dict[str, str]] | None = None,
     out_dir: Path | None = None,
     chunks: int = 3,
-) -> list[Outcome]:
-    """Start one process per rank with a torchrun-compatible env; kill every group on exit.
+) -> list[subprocess.Popen]:
+    """Start one process per rank with a torchrun-compatible env (each in its own session).
 
-    `hooks` go to every rank; `per_rank` adds variables to single ranks only.
+    `hooks` go to every rank; `per_rank` adds variables to single ranks only. The caller must
+    end them with `collect` (which kills whatever is left).
     """
     port, world = free_port(), len(flags)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"streamdit-{topology}-"))
-    procs, t0 = [], time.monotonic()
+    procs = []
     for rank, extra in enumerate(flags):
         rank_env = env(
             RANK=str(rank),
@@ -83,6 +84,7 @@ def spawn_ranks(
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)),  # as torchrun / the launcher
+            PYTHONUNBUFFERED="1",
             **(hooks or {}),
             **(per_rank or {}).get(rank, {}),
         )
@@ -113,17 +115,33 @@ def spawn_ranks(
                 start_new_session=True,
             )
         )
+    return procs
+
+
+def collect(procs: list[subprocess.Popen], t0: float, bound_s: float = BOUND_S + 30) -> list[Outcome]:
+    """Wait for every rank (until t0 + bound_s), then kill every process group still there."""
     outcomes = []
     try:
         for rank, p in enumerate(procs):
-            left = max(1.0, BOUND_S + 30 - (time.monotonic() - t0))
-            out, _ = p.communicate(timeout=left)
+            left = max(1.0, bound_s - (time.monotonic() - t0))
+            try:
+                out, _ = p.communicate(timeout=left)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, _ = p.communicate()
+                out += "\n<killed by the harness: still running at the bound>"
             outcomes.append(Outcome(rank, p.returncode, time.monotonic() - t0, out))
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
     return outcomes
+
+
+def spawn_ranks(flags: list[list[str]], hooks: dict[str, str] | None = None, **kw: object) -> list[Outcome]:
+    """`start_ranks` then `collect`: every rank's exit code, time and log."""
+    t0 = time.monotonic()
+    return collect(start_ranks(flags, hooks, **kw), t0)  # type: ignore[arg-type]
 
 
 def all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None:

@@ -25,13 +25,12 @@ from streamdit.config import (
     read_test_hooks,
     step_list_for,
 )
-from streamdit.errors import EXIT_BAD_INPUT, ConfigError, StreamditError
+from streamdit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StreamditError
 from streamdit.runtime.liveness import StopFlag
 
 if TYPE_CHECKING:
     from streamdit.runtime.driver import RunSummary
 
-EXIT_INTERRUPTED = 130
 log = logging.getLogger("streamdit")
 
 
@@ -47,6 +46,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES), help="process layout")
     p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp, pp)")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
+    p.add_argument(
+        "--watchdog-window",
+        type=float,
+        default=d.watchdog_window_s,
+        help="heartbeat silence that ends the job (s)",
+    )
     p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
     p.add_argument("--output-digest-every", type=int, default=d.output_digest_every, help="0 = off")
     p.add_argument(
@@ -116,6 +121,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         topology=args.topology,
         nproc=args.nproc,
         dist_timeout_s=args.dist_timeout,
+        watchdog_window_s=args.watchdog_window,
         input_digest_every=args.input_digest_every,
         output_digest_every=args.output_digest_every,
         fingerprint_on_init_cache=not args.no_fingerprint_on_init_cache,
@@ -222,7 +228,8 @@ def _report(summary: RunSummary | None) -> int:
             f"{summary.frames} frames in {summary.out}",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        # SIGTERM is how service managers stop a job: a completed drain is a success
+        return EXIT_OK if summary.stopped_early == "SIGTERM" else EXIT_INTERRUPTED
     pp = ""
     if summary.overlap_score is not None or summary.dropped_stale:
         score = "n/a" if summary.overlap_score is None else f"{summary.overlap_score:.3f}"

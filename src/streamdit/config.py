@@ -47,6 +47,9 @@ class RunConfig:
     """Local ranks `streamdit run` starts itself (through torch's elastic launcher) for tp."""
     dist_timeout_s: float = 30.0
     """Process-group timeout: bounds every blocking collective (bring-up and per chunk)."""
+    watchdog_window_s: float = 10.0
+    """tp / pp: a peer silent this long on the heartbeat store ends the job (orphan exit 4 on
+    workers, 6 on rank0)."""
     input_digest_every: int = 1
     """Compare digests of every rank's Phase B inputs every N chunks (0 = off)."""
     output_digest_every: int = 4
@@ -117,6 +120,7 @@ class RunConfig:
         _check(self.topology in TOPOLOGIES, "topology", f"{self.topology!r} is not one of {TOPOLOGIES}")
         _check(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
         _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
+        _check(self.watchdog_window_s > 0, "watchdog_window_s", f"must be > 0, got {self.watchdog_window_s}")
         _check(self.input_digest_every >= 0, "input_digest_every", "must be >= 0")
         _check(self.output_digest_every >= 0, "output_digest_every", "must be >= 0")
         _check(
@@ -197,6 +201,7 @@ class RunConfig:
             "dist_timeout_s": repr(self.dist_timeout_s),
             "input_digest_every": str(self.input_digest_every),
             "output_digest_every": str(self.output_digest_every),
+            "watchdog_window_s": str(self.watchdog_window_s),
             "fingerprint_on_init_cache": str(self.fingerprint_on_init_cache),
             "seed": str(self.seed),
             "preset": self.preset,

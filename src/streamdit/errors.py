@@ -12,6 +12,17 @@ EXIT_BAD_INPUT = 2
 EXIT_POISONED = 3
 EXIT_ORPHANED = 4
 EXIT_PEER_ABORT = 5
+EXIT_PEER_LOST = 6
+EXIT_INTERRUPTED = 130
+# What each exit code means (README "Exit codes" repeats this table):
+#   0   success, or a drain requested with SIGTERM (every decoded frame written)
+#   1   an error on this rank (its message names the field and ids)
+#   2   bad input, rejected before any model work
+#   3   poisoned: an exception after a commitment point (a half-sent message)
+#   4   orphaned: rank0 stopped heartbeating (killed, stopped or hung)
+#   5   a peer aborted the stream and said why (ERROR action)
+#   6   rank0 lost a peer: it stopped heartbeating (the output file holds every written chunk)
+#   130 Ctrl-C: drained (first) or aborted (second)
 
 
 class StreamditError(Exception):
@@ -95,6 +106,12 @@ class OrphanedError(StreamditError):
     """A worker lost its coordinator (rank0) and exits with the orphan code."""
 
     exit_code = EXIT_ORPHANED
+
+
+class PeerLost(StreamditError):
+    """rank0 saw a peer stop heartbeating: the stream cannot continue."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 class PeerAbort(StreamditError):

@@ -10,8 +10,10 @@ after Phase B). `single` passes neither.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +62,10 @@ def drive(
     stop: StopFlag,
     publish: Publish | None = None,
     check: Check | None = None,
+    guard: threading.Lock | None = None,
 ) -> RunSummary:
+    """`guard` (tp): held around every frame write, so a watchdog verdict that ends the process
+    from another thread never cuts a write in half."""
     t_start = time.monotonic()
     writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
     metrics = MetricsWriter(cfg.metrics)
@@ -85,7 +90,8 @@ def drive(
             sync(device)
             t2 = time.perf_counter()
             frames = stage0.finish(latents)
-            writer.write(frames)
+            with guard or nullcontext():
+                writer.write(frames)
             t3 = time.perf_counter()
             metrics.write(
                 ChunkMetrics(

@@ -10,30 +10,25 @@ the parity handshake on world (pp keys included), then on the mesh only: model, 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
-from dataclasses import dataclass
-
-import torch
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import ConfigError, DriftError, ParityError, PeerAbort
-from streamdit.parallel.groups import Groups, destroy_groups, init_groups
+from streamdit.parallel.groups import Groups
 from streamdit.parallel.parity import check_replicated_fingerprints, handshake
 from streamdit.parallel.tp import apply_tp
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults, P2PChannel
 from streamdit.protocol.errors import TransportError
 from streamdit.protocol.header import Action, Kind
-from streamdit.runtime.build import ValidatedRun, build_generator, build_model, validate_run
+from streamdit.runtime.build import ValidatedRun, build_generator, build_model
 from streamdit.runtime.driver import RunSummary
-from streamdit.runtime.faults import FaultPlan
-from streamdit.runtime.flight import FlightRecorder
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import ChunkIds
 from streamdit.runtime.pp_link import LEADER, StageLink
 from streamdit.runtime.pp_mesh import MeshRank
 from streamdit.runtime.pp_stage0 import drive_pipelined, pp_envelope
+from streamdit.runtime.session import RankSession, rank_session
 from streamdit.runtime.single import build_stage0
 from streamdit.runtime.tp import parity_items
 from streamdit.runtime.tripwires import Tripwires
@@ -49,46 +44,18 @@ def run_pp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         raise ConfigError(
             f"pp needs at least 2 ranks (rank0 + a mesh), got {launch.world_size} [field=nproc]"
         )
-    run = validate_run(cfg, generator_only=launch.rank != 0)
-    if run.device.type == "cuda":
-        run = dataclasses.replace(run, device=torch.device("cuda", launch.local_rank))
-    faults = FaultPlan.from_config(cfg)
-    run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
-    flight = FlightRecorder(label=f"rank{launch.rank}")
-    flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
-    groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s, topology="pp")
-    teardown = Teardown()
-    try:
-        flight.record(
-            {"name": "start", "detail": f"world_size={launch.world_size} role={_role(launch.rank)}"}
+    with rank_session(cfg, launch, topology="pp") as session:
+        session.flight.record({"name": "role", "detail": _role(launch.rank)})
+        handshake(
+            _pp_parity_items(session.run, session.groups), session.groups.world, allowed="world", log=log
         )
-        handshake(_pp_parity_items(run, groups), groups.world, allowed="world", log=log)
-        channel_kw = {
-            "device": run.device,
-            "observer": flight,
-            "exit_fn": flight.exit_after_dump(flight_path),
-        }
+        summary = None
         if launch.rank == 0:
-            # rank0's channels belong to comm threads: a poisoned send must not kill the
-            # process from that thread; the main thread closes the video, then exits with it.
-            rank0_kw = {**channel_kw, "exit_fn": flight.exit_after_dump(flight_path, exit_fn=_stay)}
-            return _stage0(run, groups, faults, stop, rank0_kw, teardown)
-        _mesh(run, groups, faults, channel_kw)
-        return None
-    except BaseException as exc:
-        flight.record({"name": "fatal", "detail": f"{type(exc).__name__}: {str(exc)[:500]}"})
-        log.error("flight record: %s", flight.dump(flight_path))
-        raise
-    finally:
-        if teardown.destroy_groups:
-            destroy_groups(groups)
+            summary = _stage0(session, stop)
         else:
-            log.critical("poisoned: process groups left as they are (no further dist calls)")
-
-
-@dataclass
-class Teardown:
-    destroy_groups: bool = True  # False once a comm thread is poisoned or stuck in a transfer
+            _mesh(session)
+        session.done = True
+        return summary
 
 
 def _stay(code: int) -> None:
@@ -107,16 +74,16 @@ def _pp_parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
     return items
 
 
-def _stage0(
-    run: ValidatedRun,
-    groups: Groups,
-    faults: FaultPlan,
-    stop: StopFlag,
-    channel_kw: dict,
-    teardown: Teardown,
-) -> RunSummary:
+def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
     """rank0: Phase A + C only (no generator), through the two comm threads."""
+    run, groups, faults = session.run, session.groups, session.faults
     assert groups.mesh is None and groups.link is not None  # rank0 is never in mesh_pg
+    # rank0's channels belong to comm threads: a poisoned send must not end the process from
+    # that thread; the main thread closes the video, then exits with the error.
+    channel_kw = {
+        **session.channel_kw(),
+        "exit_fn": session.flight.exit_after_dump(session.flight_path, exit_fn=_stay),
+    }
     stage0, chunks = build_stage0(run)
     link = StageLink(
         P2PChannel(
@@ -144,7 +111,14 @@ def _stage0(
     link.start()
     try:
         summary = drive_pipelined(
-            run.cfg, chunks=chunks, stage0=stage0, link=link, device=run.device, faults=faults, stop=stop
+            run.cfg,
+            chunks=chunks,
+            stage0=stage0,
+            link=link,
+            device=run.device,
+            faults=faults,
+            stop=stop,
+            guard=session.guard,
         )
     except BaseException as exc:
         # Tell the mesh only about failures it cannot see: not its own (PeerAbort), not a dead
@@ -155,9 +129,9 @@ def _stage0(
         terminal = (
             None if mesh_knows else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
         )
-        teardown.destroy_groups = link.close(terminal) and not link.poisoned
+        session.destroy_groups = link.close(terminal) and not link.poisoned
         raise
-    teardown.destroy_groups = link.close(
+    session.destroy_groups = link.close(
         _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
     )
     return summary
@@ -169,8 +143,10 @@ def _terminal(call_id: int, epoch: int, action: Action, exc: BaseException | Non
     return pp_envelope(action, ids, "off", **extra)
 
 
-def _mesh(run: ValidatedRun, groups: Groups, faults: FaultPlan, channel_kw: dict) -> None:
+def _mesh(session: RankSession) -> None:
     """Mesh ranks: build and shard the generator on mesh_pg, check fingerprints, serve."""
+    run, groups, faults = session.run, session.groups, session.faults
+    channel_kw = session.channel_kw()
     mesh = groups.mesh
     assert mesh is not None
     model = build_model(run)

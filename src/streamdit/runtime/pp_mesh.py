@@ -29,6 +29,7 @@ from streamdit.protocol.header import Action
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
+from streamdit.runtime.liveness import transport_like
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs
 from streamdit.runtime.tripwires import Tripwires
 
@@ -133,6 +134,8 @@ class MeshRank:
         try:
             msg = envelopes.recv()
         except StreamditError as exc:
+            if transport_like(exc):
+                raise  # rank0 is gone: nobody to tell; the watchdog decides (orphan)
             # OM-07: nothing of this envelope reaches the mesh; a terminal action does.
             log.error("mesh leader rejected an envelope: %s: %s", type(exc).__name__, exc)
             reason = f"{type(exc).__name__}: {exc}"[:200]

@@ -21,6 +21,7 @@ the summary carries the OverlapScore and the dropped-stale count.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -84,8 +85,10 @@ class PipelinedDriver:
         writer: VideoWriter,
         metrics: MetricsWriter,
         progress: Progress,
+        guard: threading.Lock,
     ) -> None:
         self.cfg = cfg
+        self.guard = guard  # held around frame writes (see driver.drive)
         self.stage0 = stage0
         self.link = link
         self.device = device
@@ -129,7 +132,8 @@ class PipelinedDriver:
         t0 = time.perf_counter()
         frames = self.stage0.finish(latents)
         self.faults.stage_cost(0)
-        self.writer.write(frames)
+        with self.guard:
+            self.writer.write(frames)
         sync(self.device)
         now = time.perf_counter()
         d_in, d_out = self.link.depths()
@@ -156,6 +160,8 @@ class PipelinedDriver:
         )
         self.last_emit = now
         self.progress.update(len(self.metrics.records), self.writer.frames_written)
+        if self.faults.slow_chunk_ms:  # test hook: rank0 idles after each chunk (signal windows)
+            time.sleep(self.faults.slow_chunk_ms / 1e3)
 
     def _drop(self, result: PPResultV1, item: InFlight) -> None:
         if result.cache_epoch != item.ids.cache_epoch or result.call_id != item.ids.call_id:
@@ -223,6 +229,7 @@ def drive_pipelined(
     device: torch.device,
     faults: FaultPlan,
     stop: StopFlag,
+    guard: threading.Lock,
 ) -> RunSummary:
     """Every chunk through the pipeline; files closed in `finally` (valid video on any exit)."""
     t_start = time.monotonic()
@@ -238,6 +245,7 @@ def drive_pipelined(
         writer=writer,
         metrics=metrics,
         progress=progress,
+        guard=guard,
     )
     try:
         for k in range(chunks):

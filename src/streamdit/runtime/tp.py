@@ -17,26 +17,26 @@ Phase B every `input_digest_every` chunks; output digests every `output_digest_e
 
 from __future__ import annotations
 
-import dataclasses
 import logging
+import threading
 
 import torch
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import DriftError, ParityError, PeerAbort, StreamditError
-from streamdit.parallel.groups import Groups, destroy_groups, init_groups
+from streamdit.parallel.groups import Groups
 from streamdit.parallel.parity import check_replicated_fingerprints, handshake
 from streamdit.parallel.tp import apply_tp
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults
 from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
 from streamdit.protocol.messages import TPEnvelopeV1
-from streamdit.runtime.build import ValidatedRun, build_generator, build_model, validate_run
+from streamdit.runtime.build import ValidatedRun, build_generator, build_model
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
-from streamdit.runtime.flight import FlightRecorder
 from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
+from streamdit.runtime.session import rank_session
 from streamdit.runtime.single import build_stage0
 from streamdit.runtime.tripwires import Tripwires
 
@@ -46,16 +46,9 @@ TP_PLAN = "generator_only"
 
 def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
     """One rank of a TP job; returns rank0's summary, None on workers."""
-    run = validate_run(cfg, generator_only=launch.rank != 0)
-    if run.device.type == "cuda":
-        run = dataclasses.replace(run, device=torch.device("cuda", launch.local_rank))
-    faults = FaultPlan.from_config(cfg)
-    run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
-    flight = FlightRecorder(label=f"rank{launch.rank}")
-    flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
-    groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s)
-    try:
-        flight.record({"name": "start", "detail": f"world_size={launch.world_size}"})
+    with rank_session(cfg, launch, topology="tp") as session:
+        run, groups, faults = session.run, session.groups, session.faults
+        assert groups.tp is not None
         handshake(parity_items(run, groups), groups.world, allowed="world", log=log)
         model = build_model(run)
         # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with functional
@@ -69,26 +62,20 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         channel = BroadcastChannel(
             groups.world.pg,
             0,
-            device=run.device,
             role="rank0" if launch.rank == 0 else "worker",
             group_name="world",
             kinds=frozenset({Kind.TP_ENVELOPE}),
-            observer=flight,
             faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
-            exit_fn=flight.exit_after_dump(flight_path),
+            **session.channel_kw(),
         )
         tripwires = Tripwires(cfg, groups.tp, model, faults=faults, world=groups.world)
+        summary = None
         if launch.rank == 0:
-            return _rank0(run, runner, channel, tripwires, faults, stop)
-        _worker(runner, channel, tripwires, faults, groups.global_rank)
-        return None
-    except BaseException as exc:
-        # The first failing rank is told from the ranks that merely followed by these records.
-        flight.record({"name": "fatal", "detail": f"{type(exc).__name__}: {str(exc)[:500]}"})
-        log.error("flight record: %s", flight.dump(flight_path))
-        raise
-    finally:
-        destroy_groups(groups)
+            summary = _rank0(run, runner, channel, tripwires, faults, stop, session.guard)
+        else:
+            _worker(runner, channel, tripwires, faults, groups.global_rank)
+        session.done = True
+        return summary
 
 
 def parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
@@ -131,6 +118,7 @@ def _rank0(
     tripwires: Tripwires,
     faults: FaultPlan,
     stop: StopFlag,
+    guard: threading.Lock,
 ) -> RunSummary:
     stage0, chunks = build_stage0(run)
 
@@ -153,6 +141,7 @@ def _rank0(
             stop=stop,
             publish=publish,
             check=check,
+            guard=guard,
         )
     except BaseException as exc:
         # A digest or parity mismatch was found by a collective comparison: every rank raised it
