@@ -107,7 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate a video chunk by chunk")
     _add_run_flags(run)
+    inspect = sub.add_parser("inspect", help="name the first failing rank of a failed job")
+    inspect.add_argument("dir", type=Path, help="the job's output folder (holding flight/) or flight/")
+    inspect.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from streamdit.runtime.inspect import format_report, inspect_records, report_json
+
+    try:
+        report = inspect_records(args.dir)
+    except ConfigError as exc:
+        print(f"streamdit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(report_json(report) if args.json else format_report(report))
+    return EXIT_OK
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -171,6 +186,8 @@ def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return _inspect(args)
     launch = LaunchEnv.from_environ()
     prefix = f"[rank{launch.rank}] " if launch.launched else ""
     logging.basicConfig(

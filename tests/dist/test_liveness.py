@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ranks import collect, start_ranks
+from ranks import collect, env, start_ranks
 
 pytestmark = pytest.mark.timeout(120)
 WINDOW_S = 3.0
@@ -91,6 +94,13 @@ def test_om13_stopped_worker_is_detected_by_rank0(tmp_path: Path, topology: str,
         assert o.code == 4 and "orphaned" in o.log, o.log[-3000:]
     frames = np.load(tmp_path / "v.npy")
     assert frames.shape[0] == _frames_in_metrics(metrics) > 0  # valid, nothing half-written
+    # `streamdit inspect` names the stopped rank although it left no record
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "first failing: rank 1: stopped heartbeating" in proc.stdout, proc.stdout
+    assert re.search(r"^\s+1\s+missing", proc.stdout, re.M), proc.stdout
 
 
 @pytest.mark.parametrize(("topology", "world"), [("tp", 2), ("pp", 3)])

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from streamdit.protocol.header import Action
+from streamdit.runtime.inspect import inspect_records
 
 from ranks import BOUND_S, GEOM, all_failed_fast, latents, run_cli, spawn_ranks
 
@@ -107,6 +108,10 @@ def test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly(tmp_path: Pa
     assert rank0.code == 5 and rank0.seconds < BOUND_S, rank0.log[-3000:]
     assert "PeerAbort" in rank0.log and "mesh leader aborted" in rank0.log
     assert np.load(tmp_path / "v.npy").shape[0] == 9  # chunk 0 decoded and written
+    # `streamdit inspect` tells the cause (the leader) from the ranks that followed
+    report = inspect_records(tmp_path)
+    assert {r.rank: r.outcome for r in report.ranks} == {0: "symptom", 1: "cause", 2: "symptom"}
+    assert report.first_failing == 1 and "PlanMismatchError" in report.why
 
 
 def test_om08_collective_on_the_world_group_raises_before_the_backend() -> None:

@@ -42,6 +42,7 @@ class FlightRecorder:
         """Observer entry point: takes a ChannelEvent (anything with `as_dict`) or a mapping."""
         record = dict(event) if isinstance(event, Mapping) else event.as_dict()
         record.setdefault("t_mono", time.monotonic())
+        record.setdefault("t_wall", time.time())  # comparable across the ranks of one host
         with self._lock:
             self._ring.append(record)
             self._counts[str(record.get("name", "?"))] += 1
