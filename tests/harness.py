@@ -111,6 +111,9 @@ def init_gloo(ctx: RankContext, timeout_s: float | None = None) -> Any:
         world_size=ctx.world_size,
         timeout=timedelta(seconds=timeout_s or ctx.pg_timeout_s),
     )
+    # Both ranks finish gloo's full-mesh connect before either runs test logic: a rank that
+    # failed (on purpose) and exited at once used to break its peer's connect (a flaky row).
+    dist.barrier()
     return dist.group.WORLD
 
 

@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 BOUND_S = 30.0  # every rank must be gone this long after start (short PG timeouts below)
-GEOM = ["--height", "32", "--width", "48"]
+# `streamdit matrix --backend nccl` runs the same rows on GPUs (one per rank)
+BACKEND = os.environ.get("STREAMDIT_MATRIX_BACKEND", "gloo")
+GEOM = ["--height", "32", "--width", "48", *(["--device", "cuda"] if BACKEND == "nccl" else [])]
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -107,10 +107,35 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate a video chunk by chunk")
     _add_run_flags(run)
+    matrix = sub.add_parser("matrix", help="run the operator test matrix (break-it rows) here")
+    matrix.add_argument("--only", default=None, help="comma-separated row ids, e.g. OM-01,OM-13")
+    matrix.add_argument("--json", type=Path, default=None, help="write the results as JSON")
+    matrix.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: ranks on GPUs")
+    matrix.add_argument("--row-timeout", type=float, default=20.0, help="seconds per row")
     inspect = sub.add_parser("inspect", help="name the first failing rank of a failed job")
     inspect.add_argument("dir", type=Path, help="the job's output folder (holding flight/) or flight/")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
     return parser
+
+
+def _matrix(args: argparse.Namespace) -> int:
+    import torch
+
+    from streamdit.matrix import run_matrix
+
+    gpus = torch.cuda.device_count() if args.backend == "nccl" else 0
+    if args.backend == "nccl" and gpus < 2:
+        print(
+            f"streamdit: error: --backend nccl needs >= 2 GPUs, found {gpus} [field=backend]", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
+    try:
+        return run_matrix(
+            only=args.only, backend=args.backend, json_path=args.json, timeout_s=args.row_timeout, gpus=gpus
+        )
+    except ConfigError as exc:
+        print(f"streamdit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -188,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return _inspect(args)
+    if args.command == "matrix":
+        return _matrix(args)
     launch = LaunchEnv.from_environ()
     prefix = f"[rank{launch.rank}] " if launch.launched else ""
     logging.basicConfig(

@@ -297,6 +297,13 @@ def cpu_thread_defaults(nproc: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nproc)))}
 
 
+def child_environment(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment for a child process, minus test hooks, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(TEST_HOOK_PREFIX)}
+    env.update(extra)
+    return env
+
+
 def apply_environment(values: Mapping[str, str]) -> list[str]:
     """Set process environment variables (inherited by ranks we start); warn on overwrite.
 

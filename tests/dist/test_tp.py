@@ -118,8 +118,9 @@ def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
         (["--steps", "3"], "denoising_step_list"),  # bad input across ranks
         (["--preset", "wan-1.3b"], "preset"),  # OM-04: a different model on one rank
         (["--input-digest-every", "0"], "input_digest_every"),  # OM-05: a flag gating a collective
+        (["--compile"], "compile"),  # C-01: compile on one rank only, caught before any compile
     ],
-    ids=["steps", "preset", "digest-flag"],
+    ids=["steps", "preset", "digest-flag", "compile"],
 )
 def test_rank_flag_mismatch_fails_every_rank_with_the_table(rank1_flags: list[str], key: str) -> None:
     outcomes = spawn_ranks([[], rank1_flags])

@@ -1,0 +1,320 @@
+"""`streamdit matrix`: run the operator test matrix (test-matrix.md) on this machine.
+
+Owns: `ROWS` (every row of the matrix and the extra rows, each mapped to the break-it tests that
+prove it) and `run_matrix`. A row runs its tests in a fresh pytest process under the row's
+timeout (its whole process group is killed at the bound, so a hang is a `fail`, never a wait);
+the row passes only if every test passed. A row that needs what this machine lacks (NCCL, a
+number of GPUs, a feature not built yet) is a `skip` with the reason, never a pass.
+
+The tests live in the source checkout (`tests/`): the break-it tests and this command are one
+source of truth. `--backend nccl` runs the rows that launch real ranks with `--device cuda`
+(one GPU per rank); rows built on the in-process gloo harness are skipped there, with why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from streamdit.config import child_environment
+from streamdit.errors import ConfigError
+
+ROW_TIMEOUT_S = 20.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    id: str
+    title: str
+    tests: tuple[str, ...]
+    ranks: int = 2  # processes (= GPUs under nccl) the row needs
+    nccl: bool = True  # runs under --backend nccl (launches real ranks)
+    unavailable: str = ""  # not built yet: always a skip with this reason
+
+
+TP, PP = "tests/dist/test_tp.py", "tests/dist/test_pp.py"
+CH, LIVE = "tests/dist/test_channels.py", "tests/dist/test_liveness.py"
+ROWS: tuple[Row, ...] = (
+    Row(
+        "OM-01",
+        "unencodable meta fails in sender preflight",
+        (f"{CH}::test_preflight_rows_never_send_a_header",),
+        nccl=False,
+    ),
+    Row(
+        "OM-02",
+        "dtype outside the allowed set fails in preflight",
+        ("tests/unit/test_messages.py", f"{CH}::test_preflight_rows_never_send_a_header[p2p]"),
+        nccl=False,
+    ),
+    Row(
+        "OM-03",
+        "inconsistent plan rejected by rank0, or by the worker if forced",
+        (
+            f"{TP}::test_om03_inconsistent_plan_is_rejected_by_rank0_before_the_broadcast",
+            f"{TP}::test_om03_inconsistent_plan_forced_past_rank0_is_rejected_by_the_worker",
+        ),
+    ),
+    Row(
+        "OM-04",
+        "model / topology differs across ranks",
+        (
+            f"{TP}::test_rank_flag_mismatch_fails_every_rank_with_the_table[preset]",
+            f"{TP}::test_rank_flag_mismatch_fails_every_rank_with_the_table[steps]",
+        ),
+    ),
+    Row(
+        "OM-05",
+        "a flag gating a collective differs across ranks",
+        (
+            f"{TP}::test_rank_flag_mismatch_fails_every_rank_with_the_table[digest-flag]",
+            f"{TP}::test_test_hook_on_one_rank_only_is_a_parity_failure",
+        ),
+    ),
+    Row(
+        "OM-06",
+        "no collectives on the compute path outside the TP ones",
+        ("tests/unit/test_layering.py",),
+        nccl=False,
+    ),
+    Row(
+        "OM-07",
+        "PP1 leader rejects an envelope; mesh exits cleanly",
+        (f"{PP}::test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly",),
+        ranks=3,
+    ),
+    Row(
+        "OM-08",
+        "a TP collective on the world group raises before the backend",
+        (
+            f"{PP}::test_om08_collective_on_the_world_group_raises_before_the_backend",
+            "tests/dist/test_parallel_tp.py::test_collective_on_the_wrong_group_raises_before_the_backend",
+        ),
+        ranks=3,
+    ),
+    Row(
+        "OM-09",
+        "a result delayed past a hard cut is dropped by cache_epoch",
+        (f"{PP}::test_om09_results_in_flight_at_an_immediate_cut_are_dropped_not_decoded",),
+    ),
+    Row(
+        "OM-10",
+        "recompute without context_frames_override fails before send",
+        (
+            "tests/unit/test_messages.py::test_om10_recompute_without_context_and_stale_context",
+            f"{CH}::test_preflight_rows_never_send_a_header[broadcast]",
+        ),
+        nccl=False,
+    ),
+    Row(
+        "OM-11",
+        "a perturbed broadcast input trips the input digest",
+        (f"{TP}::test_om11_perturbed_input_on_a_worker_trips_the_input_digest",),
+    ),
+    Row(
+        "OM-12",
+        "a mutated weight shard trips the fingerprint check",
+        (
+            f"{TP}::test_om12_mutated_replicated_weight_trips_the_fingerprint_check",
+            f"{TP}::test_om12_weight_mutated_mid_stream_is_caught_at_the_next_init_cache",
+        ),
+    ),
+    Row(
+        "OM-13/tp",
+        "rank0 SIGKILLed (idle, mid-loop): workers exit with the orphan code",
+        (
+            f"{LIVE}::test_om13_rank0_killed_orphans_exit_with_code_4[tp-idle]",
+            f"{LIVE}::test_om13_rank0_killed_orphans_exit_with_code_4[tp-mid-stream]",
+        ),
+    ),
+    Row(
+        "OM-13/pp",
+        "rank0 SIGKILLed (idle, mid-loop): the mesh exits with the orphan code",
+        (
+            f"{LIVE}::test_om13_rank0_killed_orphans_exit_with_code_4[pp-idle]",
+            f"{LIVE}::test_om13_rank0_killed_orphans_exit_with_code_4[pp-mid-stream]",
+        ),
+        ranks=3,
+    ),
+    Row(
+        "OM-13/stop",
+        "a SIGSTOPped worker is detected by rank0; the video stays valid",
+        (f"{LIVE}::test_om13_stopped_worker_is_detected_by_rank0",),
+        ranks=3,
+    ),
+    Row(
+        "C-01",
+        "compile on one rank only fails at startup",
+        (f"{TP}::test_rank_flag_mismatch_fails_every_rank_with_the_table[compile]",),
+    ),
+    Row(
+        "C-02",
+        "a graph break around a collective fails the graph-break gate",
+        (),
+        unavailable="the graph-break gate is not built yet (compile issue)",
+    ),
+    Row(
+        "C-03",
+        "a graph break on one rank only fails the compile-counter gather",
+        (),
+        unavailable="the post-warm-up compile-counter gather is not built yet (compile issue)",
+    ),
+    Row(
+        "C-04",
+        "auto backend resolving differently fails at startup",
+        (f"{TP}::test_c04_auto_backend_resolving_differently_fails_at_startup",),
+    ),
+    Row("O-01", "D=1 serializes, D=2 overlaps", (f"{PP}::test_o01_queue_depth_1_serializes_and_2_overlaps",)),
+    Row(
+        "O-02",
+        "healthy overlap signature; a planted serialization bug is caught",
+        (f"{PP}::test_o02_planted_decode_before_send_bug_shows_the_serialization_signature",),
+    ),
+    Row(
+        "O-03",
+        "recompute r0a vs off: the overlap cost measured",
+        (f"{PP}::test_o03_recompute_r0a_costs_the_overlap_that_off_keeps",),
+    ),
+    Row(
+        "X-header",
+        "sender throws after the header: poisoned, peer exits (no hang)",
+        (f"{CH}::test_throw_after_header_poisons_sender_and_peer_exits",),
+        nccl=False,
+    ),
+    Row(
+        "X-leader",
+        "leader throws after a header, before its mesh broadcast",
+        (f"{PP}::test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly",),
+        ranks=3,
+    ),
+    Row(
+        "X-ids",
+        "stale ids, unknown version or action, absurd sizes: rejected before allocating",
+        (f"{CH}::test_receiver_rejects_bad_headers_and_ids_before_allocating",),
+        nccl=False,
+    ),
+    Row(
+        "X-sigterm",
+        "SIGTERM to rank0 mid-stream: drain, every rank exits 0, valid video",
+        (f"{LIVE}::test_sigterm_to_rank0_drains_and_every_rank_exits_0",),
+        ranks=3,
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RowResult:
+    id: str
+    status: str  # pass | fail | skip
+    seconds: float
+    detail: str
+
+
+def select(only: str | None) -> list[Row]:
+    if not only:
+        return list(ROWS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    known = {r.id for r in ROWS}
+    unknown = [w for w in wanted if w not in known and not any(k.startswith(w + "/") for k in known)]
+    if unknown:
+        raise ConfigError(f"unknown matrix rows {unknown} (known: {sorted(known)}) [field=only]")
+    return [r for r in ROWS if r.id in wanted or r.id.split("/")[0] in wanted]
+
+
+def repo_root() -> Path:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "tests" / "dist").is_dir():
+        raise ConfigError(
+            f"streamdit matrix runs the break-it tests of a source checkout; none at {root} [field=tests]"
+        )
+    return root
+
+
+def run_row(row: Row, *, backend: str, gpus: int, timeout_s: float, root: Path) -> RowResult:
+    if row.unavailable:
+        return RowResult(row.id, "skip", 0.0, row.unavailable)
+    if backend == "nccl" and not row.nccl:
+        return RowResult(row.id, "skip", 0.0, "built on the in-process gloo harness: CPU/gloo only")
+    if backend == "nccl" and gpus < row.ranks:
+        return RowResult(row.id, "skip", 0.0, f"needs {row.ranks} GPUs, this machine has {gpus}")
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        "--timeout",
+        str(int(timeout_s)),
+        *row.tests,
+    ]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=root,
+        env=child_environment({"STREAMDIT_MATRIX_BACKEND": backend}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout_s + 15)  # + interpreter and torch start-up
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return RowResult(
+            row.id, "fail", time.monotonic() - t0, f"no result within {timeout_s + 15:.0f} s (hang)"
+        )
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    seconds = time.monotonic() - t0
+    summary = _summary(out)
+    if proc.returncode == 0 and " passed" in summary:
+        return RowResult(row.id, "pass", seconds, summary)
+    if proc.returncode == 0:
+        return RowResult(row.id, "skip", seconds, summary)
+    return RowResult(row.id, "fail", seconds, _first_error(out) or summary)
+
+
+def _summary(out: str) -> str:
+    lines = [
+        ln.strip("= ")
+        for ln in out.splitlines()
+        if " in " in ln and ("passed" in ln or "failed" in ln or "skipped" in ln or "error" in ln)
+    ]
+    return lines[-1] if lines else (out.strip().splitlines() or ["no output"])[-1][:200]
+
+
+def _first_error(out: str) -> str:
+    for line in out.splitlines():
+        if line.startswith(("E ", "FAILED", "ERROR")):
+            return line[:300]
+    return ""
+
+
+def run_matrix(*, only: str | None, backend: str, json_path: Path | None, timeout_s: float, gpus: int) -> int:
+    rows, root = select(only), repo_root()
+    results: list[RowResult] = []
+    print(f"{'row':<11} {'status':<6} {'s':>6}  detail", flush=True)
+    for row in rows:
+        result = run_row(row, backend=backend, gpus=gpus, timeout_s=timeout_s, root=root)
+        results.append(result)
+        print(
+            f"{result.id:<11} {result.status:<6} {result.seconds:>6.1f}  {row.title}: {result.detail}",
+            flush=True,
+        )
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n")
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    total = sum(r.seconds for r in results)
+    print(f"{counts['pass']} pass, {counts['fail']} fail, {counts['skip']} skip in {total:.0f} s")
+    return 1 if counts["fail"] else 0
