@@ -21,6 +21,7 @@ from streamdit.parallel.tp import apply_tp
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults, P2PChannel
 from streamdit.protocol.errors import TransportError
 from streamdit.protocol.header import Action, Kind
+from streamdit.protocol.messages import PPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.liveness import StopFlag
@@ -137,7 +138,7 @@ def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
     return summary
 
 
-def _terminal(call_id: int, epoch: int, action: Action, exc: BaseException | None):  # noqa: ANN202
+def _terminal(call_id: int, epoch: int, action: Action, exc: BaseException | None) -> PPEnvelopeV1:
     ids = ChunkIds(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
     extra = {"reason": f"{type(exc).__name__}: {exc}"[:200]} if exc is not None else {}
     return pp_envelope(action, ids, "off", **extra)
