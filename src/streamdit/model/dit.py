@@ -347,7 +347,7 @@ class CausalWanDiT(nn.Module):
         fills, then one). `options` go to `torch.compile` (backend, mode).
         """
         for block in self.blocks:
-            block.compile(fullgraph=True, dynamic=False, **options)
+            block.compile(**{"fullgraph": True, "dynamic": False, **options})
 
     def _check_inputs(
         self,

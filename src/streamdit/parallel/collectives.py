@@ -53,6 +53,22 @@ def all_reduce_sum_inplace(t: torch.Tensor, handle: GroupHandle, *, allowed: str
     return t
 
 
+def pair_warmup(handle: GroupHandle, peer: int, *, send: bool, allowed: str) -> None:
+    """One int64 from or to `peer` on `handle`, in a fixed order on both sides at startup.
+
+    NCCL creates a point-to-point communicator lazily on the first send/recv of a pair; two
+    comm threads doing their first transfers on two groups at once could initialize those
+    communicators in different orders on the two ranks and wait on each other. A warm-up on
+    the main thread, world pair first, link pair second, creates them deterministically.
+    """
+    check_group(handle, allowed)
+    t = torch.zeros(1, dtype=torch.int64, device=handle.device)
+    if send:
+        dist.send(t, group=handle.pg, group_dst=peer)
+    else:
+        dist.recv(t, group=handle.pg, group_src=peer)
+
+
 def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) -> list[list[int]]:
     """Every rank's list of ints, indexed by group rank.
 

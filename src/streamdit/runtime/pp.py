@@ -15,6 +15,7 @@ import time
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import ConfigError, DriftError, ParityError, PeerAbort
+from streamdit.parallel.collectives import pair_warmup
 from streamdit.parallel.groups import Groups
 from streamdit.parallel.parity import check_replicated_fingerprints, handshake
 from streamdit.parallel.tp import apply_tp
@@ -109,6 +110,8 @@ def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
         timeout_s=run.cfg.dist_timeout_s,
         now=time.perf_counter,
     )
+    pair_warmup(groups.world, LEADER, send=True, allowed="world")
+    pair_warmup(groups.link, 1, send=False, allowed="link")
     link.start()
     try:
         summary = drive_pipelined(
@@ -183,4 +186,6 @@ def _mesh(session: RankSession) -> None:
     results = P2PChannel(
         groups.link.pg, 0, role="leader", group_name="link", kinds=frozenset({Kind.PP_RESULT}), **channel_kw
     )
+    pair_warmup(groups.world, 0, send=False, allowed="world")  # same order as rank0
+    pair_warmup(groups.link, 0, send=True, allowed="link")
     rank.run_leader(envelopes, results)
