@@ -35,6 +35,22 @@ def env(**extra: str) -> dict[str, str]:
     return out
 
 
+# 6 chunks: a soft transition at chunk 2, a scheduled hard cut at chunk 4 (equivalence runs)
+TIMELINE = (
+    '{"entries": [{"chunk": 0, "prompt": "a fox"}, {"chunk": 2, "prompt": "a fox at night", '
+    '"transition": "soft"}, {"chunk": 4, "prompt": "a harbour", "transition": "hard"}]}'
+)
+
+
+def single_reference(tmp: Path) -> tuple[Path, list[np.ndarray]]:
+    """The single-process run over TIMELINE: its video and every chunk's generator output."""
+    (tmp / "tl.json").write_text(TIMELINE)
+    args = [*GEOM, "--chunks", "6", "--timeline", str(tmp / "tl.json"), "--out", str(tmp / "v.npy")]
+    proc = run_cli(args, hooks={"STREAMDIT_TEST_DUMP_LATENTS": str(tmp / "lat")}, cwd=tmp, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return tmp / "v.npy", latents(tmp / "lat")
+
+
 def latents(path: Path) -> list[np.ndarray]:
     return [np.load(p) for p in sorted(path.glob("chunk*.npy"))]
 

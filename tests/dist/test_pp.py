@@ -27,13 +27,9 @@ import pytest
 from streamdit.protocol.header import Action
 from streamdit.runtime.inspect import inspect_records
 
-from ranks import BOUND_S, GEOM, all_failed_fast, latents, run_cli, spawn_ranks
+from ranks import BOUND_S, GEOM, TIMELINE, all_failed_fast, latents, run_cli, single_reference, spawn_ranks
 
 pytestmark = pytest.mark.timeout(180)
-TIMELINE = (
-    '{"entries": [{"chunk": 0, "prompt": "a fox"}, {"chunk": 2, "prompt": "a fox at night", '
-    '"transition": "soft"}, {"chunk": 4, "prompt": "a harbour", "transition": "hard"}]}'
-)
 
 
 STAGE0_MS, STAGE1_MS = 150, 250
@@ -45,12 +41,7 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
-    tmp = tmp_path_factory.mktemp("single")
-    (tmp / "tl.json").write_text(TIMELINE)
-    args = [*GEOM, "--chunks", "6", "--timeline", str(tmp / "tl.json"), "--out", str(tmp / "v.npy")]
-    proc = run_cli(args, hooks={"STREAMDIT_TEST_DUMP_LATENTS": str(tmp / "lat")}, cwd=tmp, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "v.npy", latents(tmp / "lat")
+    return single_reference(tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("nproc", [2, 3], ids=["pp0", "pp1-tp2"])

@@ -28,75 +28,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ranks import BOUND_S, GEOM, all_failed_fast, env, latents, spawn_ranks
+from ranks import BOUND_S, GEOM, TIMELINE, all_failed_fast, latents, run_cli, single_reference, spawn_ranks
 
 pytestmark = pytest.mark.timeout(180)
-TIMELINE = (
-    '{"entries": [{"chunk": 0, "prompt": "a fox"}, {"chunk": 2, "prompt": "a fox at night", '
-    '"transition": "soft"}, {"chunk": 4, "prompt": "a harbour", "transition": "hard"}]}'
-)
 
 
 @pytest.fixture(scope="module")
 def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray]]:
-    tmp = tmp_path_factory.mktemp("single")
-    (tmp / "tl.json").write_text(TIMELINE)
-    dump = tmp / "lat"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamdit",
-        "run",
-        *GEOM,
-        "--chunks",
-        "6",
-        "--timeline",
-        str(tmp / "tl.json"),
-        "--out",
-        str(tmp / "v.npy"),
-        "--no-progress",
-    ]
-    proc = subprocess.run(
-        cmd, env=env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)), capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    return tmp / "v.npy", latents(dump)
+    return single_reference(tmp_path_factory.mktemp("single"))
 
 
 @pytest.mark.parametrize("nproc", [2, 4])
 def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> None:
     (tmp_path / "tl.json").write_text(TIMELINE)
     dump, out, metrics = tmp_path / "lat", tmp_path / "v.npy", tmp_path / "m.jsonl"
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamdit",
-        "run",
-        "--topology",
-        "tp",
-        "--nproc",
-        str(nproc),
-        *GEOM,
-        "--chunks",
-        "6",
-        "--timeline",
-        str(tmp_path / "tl.json"),
-        "--out",
-        str(out),
-        "--metrics",
-        str(metrics),
-        "--no-progress",
-        "--dist-timeout",
-        "20",
-    ]
-    proc = subprocess.run(
-        cmd,
-        env=env(STREAMDIT_TEST_DUMP_LATENTS=str(dump)),
-        capture_output=True,
-        text=True,
-        timeout=150,
-        cwd=tmp_path,
-    )
+    args = ["--topology", "tp", "--nproc", str(nproc), *GEOM, "--chunks", "6", "--dist-timeout", "20"]
+    args += ["--timeline", str(tmp_path / "tl.json"), "--out", str(out), "--metrics", str(metrics)]
+    proc = run_cli(args, hooks={"STREAMDIT_TEST_DUMP_LATENTS": str(dump)}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     ref_video, ref_latents = single_run
     got = latents(dump)

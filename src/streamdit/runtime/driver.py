@@ -1,6 +1,7 @@
 """The rank0 chunk loop shared by every topology: Phase A → (publish) → Phase B → (check) → Phase C.
 
-Owns: `drive()`, which owns the output video, the metrics file and the progress bar for one
+Owns: `StreamOutputs` (the output files and summary every rank0 loop shares) and `drive()`,
+which owns the output video, the metrics file and the progress bar for one
 stream, honours drain requests between chunks, and closes every file in `finally` so a crash
 or a signal leaves a valid video. Topologies plug in two hooks: `publish` (TP: broadcast the
 chunk's envelope to the workers before rank0 runs its own shard) and `check` (drift digests
@@ -51,6 +52,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class StreamOutputs:
+    """rank0's output files of one stream: video, metrics, progress bar, and its summary.
+
+    Used as a context manager by every loop (`drive`, the pp pipelined loop): files are closed
+    on any exit, so a crash or a signal leaves a valid video.
+    """
+
+    def __init__(self, cfg: RunConfig, chunks: int) -> None:
+        self.cfg = cfg
+        self.t_start = time.monotonic()
+        self.writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
+        self.metrics = MetricsWriter(cfg.metrics)
+        self.progress = Progress(chunks, enabled=cfg.progress)
+
+    def __enter__(self) -> StreamOutputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.close()
+        self.writer.close()
+        self.metrics.close()
+
+    def summary(
+        self, stop: StopFlag, *, dropped_stale: int = 0, overlap_score: float | None = None
+    ) -> RunSummary:
+        return RunSummary(
+            chunks=len(self.metrics.records),
+            frames=self.writer.frames_written,
+            out=self.cfg.out,
+            seconds=time.monotonic() - self.t_start,
+            stopped_early=stop.reason if stop.requested else "",
+            dropped_stale=dropped_stale,
+            overlap_score=overlap_score,
+        )
+
+
 def drive(
     cfg: RunConfig,
     *,
@@ -66,11 +103,8 @@ def drive(
 ) -> RunSummary:
     """`guard` (tp): held around every frame write, so a watchdog verdict that ends the process
     from another thread never cuts a write in half."""
-    t_start = time.monotonic()
-    writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    metrics = MetricsWriter(cfg.metrics)
-    progress = Progress(chunks, enabled=cfg.progress)
-    try:
+    with StreamOutputs(cfg, chunks) as outputs:
+        writer, metrics, progress = outputs.writer, outputs.metrics, outputs.progress
         for k in range(chunks):
             if stop.requested:
                 log.warning("draining after %d chunks (%s)", k, stop.reason)
@@ -110,14 +144,4 @@ def drive(
             progress.update(k + 1, writer.frames_written)
             if faults.slow_chunk_ms:
                 time.sleep(faults.slow_chunk_ms / 1e3)
-    finally:
-        progress.close()
-        writer.close()
-        metrics.close()
-    return RunSummary(
-        chunks=len(metrics.records),
-        frames=writer.frames_written,
-        out=cfg.out,
-        seconds=time.monotonic() - t_start,
-        stopped_early=stop.reason if stop.requested else "",
-    )
+    return outputs.summary(stop)

@@ -30,11 +30,11 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import StaleResult
-from streamdit.media import VideoWriter, open_writer
+from streamdit.media import VideoWriter
 from streamdit.protocol.errors import EnvelopeError
 from streamdit.protocol.header import Action
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1
-from streamdit.runtime.driver import RunSummary, sync
+from streamdit.runtime.driver import RunSummary, StreamOutputs, sync
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress, overlap_score
@@ -231,41 +231,25 @@ def drive_pipelined(
     stop: StopFlag,
     guard: threading.Lock,
 ) -> RunSummary:
-    """Every chunk through the pipeline; files closed in `finally` (valid video on any exit)."""
-    t_start = time.monotonic()
-    writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
-    metrics = MetricsWriter(cfg.metrics)
-    progress = Progress(chunks, enabled=cfg.progress)
-    driver = PipelinedDriver(
-        cfg,
-        stage0=stage0,
-        link=link,
-        device=device,
-        faults=faults,
-        writer=writer,
-        metrics=metrics,
-        progress=progress,
-        guard=guard,
-    )
-    try:
+    """Every chunk through the pipeline; files closed on any exit (valid video)."""
+    with StreamOutputs(cfg, chunks) as outputs:
+        driver = PipelinedDriver(
+            cfg,
+            stage0=stage0,
+            link=link,
+            device=device,
+            faults=faults,
+            writer=outputs.writer,
+            metrics=outputs.metrics,
+            progress=outputs.progress,
+            guard=guard,
+        )
         for k in range(chunks):
             if stop.requested:
                 log.warning("draining after %d chunks sent (%s)", k, stop.reason)
                 break
             driver.step(k)
         driver.drain()
-    finally:
-        progress.close()
-        writer.close()
-        metrics.close()
-    score = overlap_score(metrics.records)
+    score = overlap_score(outputs.metrics.records)
     log.info("pp: dropped_stale=%d overlap_score=%s", driver.dropped_stale, score)
-    return RunSummary(
-        chunks=len(metrics.records),
-        frames=writer.frames_written,
-        out=cfg.out,
-        seconds=time.monotonic() - t_start,
-        stopped_early=stop.reason if stop.requested else "",
-        dropped_stale=driver.dropped_stale,
-        overlap_score=score,
-    )
+    return outputs.summary(stop, dropped_stale=driver.dropped_stale, overlap_score=score)
