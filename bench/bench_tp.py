@@ -7,9 +7,12 @@ time is read from the profiler's NCCL kernels on rank 0. Variants: eager (functi
 all-reduces), eager-inplace (c10d in-place all-reduces), compile (`compile_blocks`: one block
 graph with functional all-reduces, reused by every layer), compile-reorder (the same with
 inductor's compute/communication reordering), compile-inplace-disabled (in-place all-reduces
-hidden from dynamo by `torch._dynamo.disable`: a graph break at every collective).
+hidden from dynamo by `torch._dynamo.disable`: a graph break at every collective). Compiled
+variants go through `CompileProbe`, the backend `--compile` uses, so each row also reports the
+graphs run and graph breaks per generator call (the C-02 measure).
 
     python bench/bench_tp.py --out bench/results/tp_wan14b_h200x2.json
+    python bench/bench_tp.py --preset tiny --height 32 --width 48 --out /tmp/t.json  # CPU check
 
 Sets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1, NVSHMEM_DISABLE_NVLS=1 for its ranks.
 """
@@ -22,6 +25,7 @@ import shlex
 import socket
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,25 +36,51 @@ from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import get_dit_config
-from streamdit.parallel.collectives import all_reduce_sum_inplace
 from streamdit.parallel.groups import destroy_groups, init_groups
 from streamdit.parallel.tp import apply_tp, tp_collectives_per_call
+from streamdit.runtime.compile_health import CompileProbe
 
 F = 3  # latent frames per chunk
+TP1_TWIN = {"eager-inplace": "eager", "compile-inplace-disabled": "compile"}
+
+
+def dtype_for(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def build(args: argparse.Namespace, device: torch.device) -> CausalWanDiT:
     cfg = get_dit_config(args.preset)
-    backend = resolve_attention_backend("auto", device, torch.bfloat16)
-    model = CausalWanDiT(cfg, device=device, dtype=torch.bfloat16, attn_backend=backend)
+    backend = resolve_attention_backend("auto", device, dtype_for(device))
+    model = CausalWanDiT(cfg, device=device, dtype=dtype_for(device), attn_backend=backend)
     model.init_weights(args.seed)
     return model.eval()
 
 
+def timed(fn, device: torch.device) -> float:
+    """ms of one fn() call: CUDA events on a GPU, wall clock on the CPU (the dry run)."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 @torch.no_grad()
-def chunk_ms(model: CausalWanDiT, args: argparse.Namespace, device: torch.device, profile: bool) -> dict:
+def chunk_ms(
+    model: CausalWanDiT,
+    args: argparse.Namespace,
+    device: torch.device,
+    profile: bool,
+    probe: CompileProbe | None = None,
+) -> dict:
     """Median ms of one steady-state chunk (recompute + 4 denoise calls) and NCCL kernel ms."""
     cfg = model.cfg
+    dtype = dtype_for(device)
     heads = model.blocks[0].self_attn.q.weight.shape[0] // cfg.head_dim
     tpf = (args.height // 16) * (args.width // 16)
     kv = KVCache(
@@ -60,15 +90,15 @@ def chunk_ms(model: CausalWanDiT, args: argparse.Namespace, device: torch.device
         head_dim=cfg.head_dim,
         tokens_per_frame=tpf,
         capacity_frames=2 * F,
-        dtype=torch.bfloat16,
+        dtype=dtype,
         device=device,
     )
     cross = CrossAttnCache(cfg.num_layers)
     gen = torch.Generator(device=device).manual_seed(1)
     shape = (1, F, 16, args.height // 8, args.width // 8)
-    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=torch.bfloat16, generator=gen)
-    ctx = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
-    x = torch.randn(shape, device=device, dtype=torch.bfloat16, generator=gen)
+    text = torch.randn(1, cfg.text_len, cfg.text_dim, device=device, dtype=dtype, generator=gen)
+    ctx = torch.randn(shape, device=device, dtype=dtype, generator=gen)
+    x = torch.randn(shape, device=device, dtype=dtype, generator=gen)
 
     def chunk() -> None:
         kv.reset()
@@ -79,17 +109,17 @@ def chunk_ms(model: CausalWanDiT, args: argparse.Namespace, device: torch.device
 
     for _ in range(args.warmup):
         chunk()
-    torch.cuda.synchronize(device)
-    times = []
-    for _ in range(args.iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    out: dict = {}
+    if probe is not None:  # graphs one steady chunk runs (5 generator calls)
+        before = probe.graph_calls
         chunk()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    out = {"chunk_ms_median": statistics.median(times), "chunk_ms_min": min(times), "iters": len(times)}
-    if profile:
+        per_call = (probe.graph_calls - before) // 5
+        out.update({"graphs_per_call": per_call, "graph_breaks_per_call": per_call - cfg.num_layers})
+    times = [timed(chunk, device) for _ in range(args.iters)]
+    out.update({"chunk_ms_median": statistics.median(times), "chunk_ms_min": min(times), "iters": len(times)})
+    if profile and device.type == "cuda":
         out.update(nccl_ms_per_chunk(chunk, device))
     return out
 
@@ -109,48 +139,55 @@ def nccl_ms_per_chunk(chunk, device: torch.device, reps: int = 2) -> dict:
     return {"nccl_kernel_ms_per_chunk": nccl_us / 1e3 / reps, "nccl_kernels_per_chunk": count // reps}
 
 
-def compile_model(model: CausalWanDiT, variant: str) -> None:
+def compile_model(model: CausalWanDiT, variant: str) -> CompileProbe | None:
     """Regional compile for the compile variants; a fresh dynamo cache for every model."""
     if not variant.startswith("compile"):
-        return
+        return None
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()  # else a new model reuses the previous variant's block graph
     inductor_config.reorder_for_compute_comm_overlap = variant == "compile-reorder"
-    model.compile_blocks(fullgraph=variant != "compile-inplace-disabled")
+    probe = CompileProbe("inductor", "default")
+    model.compile_blocks(backend=probe, fullgraph=False)
+    return probe
 
 
 def run_variant(variant: str, rank: int, groups, args: argparse.Namespace, device: torch.device) -> dict:
     row: dict = {"variant": variant}
-    if rank == 0:
+    # TP=1 has no collectives: the in-place variants would time the same model as their twin
+    twin = TP1_TWIN.get(variant)
+    if rank == 0 and twin not in args.variants.split(","):
         full = build(args, device)
-        compile_model(full, variant)
-        row["tp1"] = chunk_ms(full, args, device, profile=False)
+        probe = compile_model(full, variant)
+        row["tp1"] = chunk_ms(full, args, device, profile=False, probe=probe)
         del full
-        torch.cuda.empty_cache()
+        empty_cache(device)
     torch.distributed.barrier(group=groups.world.pg)
     model = build(args, device)
     inplace = variant in ("eager-inplace", "compile-inplace-disabled")
-    if variant == "compile-inplace-disabled":
-        import streamdit.parallel.tp as tp_module
-
-        tp_module.all_reduce_sum_inplace = torch._dynamo.disable(all_reduce_sum_inplace)
-    apply_tp(model, groups.tp, inplace_collectives=inplace)
-    torch.cuda.empty_cache()
-    compile_model(model, variant)
+    hide = variant == "compile-inplace-disabled"
+    apply_tp(model, groups.tp, inplace_collectives=inplace, hide_from_compiler=hide)
+    empty_cache(device)
+    probe = compile_model(model, variant)
     # every rank profiles: a collective-bearing chunk run on one rank only would hang the other
-    row["tp2"] = chunk_ms(model, args, device, profile=True)
+    row["tp2"] = chunk_ms(model, args, device, profile=True, probe=probe)
     del model
-    torch.cuda.empty_cache()
+    empty_cache(device)
     if rank == 0:
-        row["speedup"] = row["tp1"]["chunk_ms_median"] / row["tp2"]["chunk_ms_median"]
+        if "tp1" in row:
+            row["speedup"] = row["tp1"]["chunk_ms_median"] / row["tp2"]["chunk_ms_median"]
         print(json.dumps(row), flush=True)
     return row
 
 
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     launch = LaunchEnv(rank=rank, world_size=world, local_rank=rank, master_port=port, launched=True)
-    device = torch.device("cuda", rank)
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
     groups = init_groups(launch, device=device, timeout_s=600)
     results: dict = {"variants": []}
     try:
@@ -174,12 +211,12 @@ def write_results(results: dict, args: argparse.Namespace, device: torch.device,
         {
             "bench": "tp_generator",
             "command": shlex.join([sys.executable, *sys.argv]),
-            "device_name": torch.cuda.get_device_name(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
-            "nccl": ".".join(map(str, torch.cuda.nccl.version())),
+            "nccl": ".".join(map(str, torch.cuda.nccl.version())) if device.type == "cuda" else None,
             "preset": args.preset,
             "geometry": [args.height, args.width],
-            "dtype": "bfloat16",
+            "dtype": str(dtype_for(device)).removeprefix("torch."),
             "calls_per_chunk": 5,
             "collectives_per_call": tp_collectives_per_call(cfg),
         }

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 from streamdit import __version__
 from streamdit.config import (
+    COMPILE_BACKENDS,
+    COMPILE_MODES,
     DEFAULT_STEP_LIST,
     DEFAULT_V2V_STEP_LIST,
     RECOMPUTE,
@@ -82,7 +84,24 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
-    p.add_argument("--compile", action="store_true", help="torch.compile the generator (slow first chunk)")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile the generator (warmed up at startup)"
+    )
+    p.add_argument(
+        "--compile-backend",
+        default=d.compile_backend,
+        choices=list(COMPILE_BACKENDS),
+        help="torch.compile backend",
+    )
+    p.add_argument(
+        "--compile-mode", default=d.compile_mode, choices=list(COMPILE_MODES), help="inductor mode"
+    )
+    p.add_argument(
+        "--graph-break-budget",
+        type=int,
+        default=d.graph_break_budget,
+        help="graph breaks allowed per generator call after warm-up (more fails at startup)",
+    )
     p.add_argument(
         "--recompute",
         default=d.recompute,
@@ -183,6 +202,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         dtype=args.dtype,
         attn_backend=args.attn_backend,
         compile=args.compile,
+        compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
+        graph_break_budget=args.graph_break_budget,
         recompute="off" if args.no_kv_recompute else args.recompute,
         queue_depth=args.queue_depth,
         local_attn_frames=args.local_attn_frames,

@@ -26,6 +26,8 @@ DEFAULT_V2V_STEP_LIST = (750, 500)
 OUTPUT_SUFFIXES = (".mp4", ".npy")
 TOPOLOGIES = ("single", "tp", "pp")
 RECOMPUTE = ("off", "r0a", "r0")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
 
 
@@ -92,6 +94,12 @@ class RunConfig:
     """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
     compile: bool = False
     """torch.compile the generator's blocks (one shared graph; cache bookkeeping stays eager)."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor | aot_eager | eager (the last two for tests and triage)."""
+    compile_mode: str = "default"
+    """inductor mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs."""
+    graph_break_budget: int = 2
+    """Graph breaks allowed per generator call once warmed up (C-02); more fails at startup."""
     recompute: str = "r0a"
     """KV recompute before each chunk after the first (protocol.md §7): off (R1, keep the last
     call's K/V), r0a (rank0 supplies the anchor from its decode: exact, but under pp the next
@@ -117,6 +125,24 @@ class RunConfig:
     """STREAMDIT_TEST_* settings (parity keys): named fault injection points for tests."""
 
     def __post_init__(self) -> None:
+        _check(
+            self.compile_backend in COMPILE_BACKENDS,
+            "compile_backend",
+            f"{self.compile_backend!r} is not one of {COMPILE_BACKENDS}",
+        )
+        _check(
+            self.compile_mode in COMPILE_MODES,
+            "compile_mode",
+            f"{self.compile_mode!r} is not one of {COMPILE_MODES}",
+        )
+        _check(
+            self.compile_mode == "default" or self.compile_backend == "inductor",
+            "compile_mode",
+            f"{self.compile_mode!r} needs compile_backend inductor, got {self.compile_backend!r}",
+        )
+        _check(
+            self.graph_break_budget >= 0, "graph_break_budget", f"must be >= 0, got {self.graph_break_budget}"
+        )
         _check(self.topology in TOPOLOGIES, "topology", f"{self.topology!r} is not one of {TOPOLOGIES}")
         _check(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
         _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
@@ -213,6 +239,9 @@ class RunConfig:
             "dtype": self.dtype,
             "attn_backend": self.attn_backend,
             "compile": str(self.compile),
+            "compile_backend": self.compile_backend,
+            "compile_mode": self.compile_mode,
+            "graph_break_budget": str(self.graph_break_budget),
             "recompute": self.recompute,
             "queue_depth": str(self.queue_depth),
             "local_attn_frames": str(self.local_attn_frames),

@@ -90,6 +90,10 @@ class ParityError(StreamditError):
     """Startup parity keys or fingerprints differ across ranks."""
 
 
+class CompileHealthError(ParityError):
+    """After warm-up, compiled generators differ across ranks (C-03) or break too often (C-02)."""
+
+
 class DriftError(IdError):
     """Ranks acted on different inputs or produced different outputs."""
 

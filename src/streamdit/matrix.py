@@ -40,6 +40,7 @@ class Row:
 
 TP, PP = "tests/dist/test_tp.py", "tests/dist/test_pp.py"
 CH, LIVE = "tests/dist/test_channels.py", "tests/dist/test_liveness.py"
+COMPILE = "tests/dist/test_compile.py"
 ROWS: tuple[Row, ...] = (
     Row(
         "OM-01",
@@ -156,14 +157,18 @@ ROWS: tuple[Row, ...] = (
     Row(
         "C-02",
         "a graph break around a collective fails the graph-break gate",
-        (),
-        unavailable="the graph-break gate is not built yet (compile issue)",
+        (f"{COMPILE}::test_c02_graph_break_around_every_collective_fails_the_budget",),
     ),
     Row(
         "C-03",
         "a graph break on one rank only fails the compile-counter gather",
-        (),
-        unavailable="the post-warm-up compile-counter gather is not built yet (compile issue)",
+        (f"{COMPILE}::test_c03_graph_break_on_one_rank_fails_the_counter_gather",),
+    ),
+    Row(
+        "C-03/pp",
+        "C-03 under pp: rank0 (no generator) gets the mesh's verdict through the world gather",
+        (f"{COMPILE}::test_c03_under_pp_rank0_learns_the_mesh_verdict",),
+        ranks=3,
     ),
     Row(
         "C-04",

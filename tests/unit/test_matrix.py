@@ -9,7 +9,7 @@ import pytest
 
 from streamdit.cli import main
 from streamdit.errors import ConfigError
-from streamdit.matrix import ROWS, select
+from streamdit.matrix import ROWS, run_matrix, select
 
 
 def test_rows_cover_the_matrix_and_selection_by_id_and_family() -> None:
@@ -25,6 +25,7 @@ def test_rows_cover_the_matrix_and_selection_by_id_and_family() -> None:
     ]:
         assert want in ids, want
     assert {r.id for r in select("OM-13")} == {"OM-13/tp", "OM-13/pp", "OM-13/stop"}
+    assert {r.id for r in select("C-03")} == {"C-03", "C-03/pp"}
     assert [r.id for r in select("OM-01, C-04")] == ["OM-01", "C-04"]
     with pytest.raises(ConfigError, match="OM-99"):
         select("OM-99")
@@ -37,5 +38,16 @@ def test_matrix_runs_rows_and_writes_json(tmp_path: Path, capsys) -> None:
     assert main(["matrix", "--only", "OM-06,C-02", "--json", str(out)]) == 0
     rows = {r["id"]: r for r in json.loads(out.read_text())}
     assert rows["OM-06"]["status"] == "pass" and "passed" in rows["OM-06"]["detail"]
-    assert rows["C-02"]["status"] == "skip" and "not built yet" in rows["C-02"]["detail"]
-    assert "1 pass, 0 fail, 1 skip" in capsys.readouterr().out
+    assert rows["C-02"]["status"] == "pass" and "passed" in rows["C-02"]["detail"]
+    assert "2 pass, 0 fail, 0 skip" in capsys.readouterr().out
+
+
+def test_rows_that_cannot_run_here_skip_with_their_reason(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "m.json"
+    # as on a 2-GPU host: OM-01 lives on the in-process gloo harness, C-03/pp needs 3 GPUs
+    code = run_matrix(only="OM-01,C-03/pp", backend="nccl", json_path=out, timeout_s=20, gpus=2)
+    assert code == 0
+    rows = {r["id"]: r for r in json.loads(out.read_text())}
+    assert rows["OM-01"]["status"] == "skip" and "gloo only" in rows["OM-01"]["detail"]
+    assert rows["C-03/pp"]["status"] == "skip" and "needs 3 GPUs" in rows["C-03/pp"]["detail"]
+    assert "0 pass, 0 fail, 2 skip" in capsys.readouterr().out

@@ -61,14 +61,21 @@ def local_heads(model: CausalWanDiT) -> int:
 
 
 def apply_tp(
-    model: CausalWanDiT, handle: GroupHandle, *, group: str = TP_GROUP, inplace_collectives: bool = False
+    model: CausalWanDiT,
+    handle: GroupHandle,
+    *,
+    group: str = TP_GROUP,
+    inplace_collectives: bool = False,
+    hide_from_compiler: bool = False,
 ) -> None:
     """Shard `model` in place for group rank `handle.rank` of `handle.size`.
 
     `group` names the only group its collectives may use: "tp" (tp topology) or "mesh" (pp).
 
     `inplace_collectives` swaps the functional all-reduce for c10d's in-place one (eager
-    benchmarks only: it cannot be compiled without graph breaks).
+    benchmarks only: it cannot be compiled without graph breaks). `hide_from_compiler` wraps the
+    collective in `torch._dynamo.disable`, the layout that cost the reference system >60% of its
+    compiled throughput: for the protocol.md §11 benchmark and the C-02 gate's test only.
 
     Everything is validated before the first weight is replaced, so a refusal leaves the model
     whole. The replaced Parameters hold fresh copies of their slices: the full weights are freed
@@ -88,6 +95,8 @@ def apply_tp(
         return
     reducer = all_reduce_sum_inplace if inplace_collectives else all_reduce_sum
     reduce = partial(reducer, handle=handle, allowed=group)
+    if hide_from_compiler:
+        reduce = torch._dynamo.disable(reduce)
     # One hook object for every row-parallel module: a compiled block then guards on the same
     # function in every layer and reuses its graph (compile_blocks).
     output_hook = _output_reducer(reduce)

@@ -24,6 +24,7 @@ from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
 from streamdit.model.text import HashTextEncoder
 from streamdit.model.vae import CausalVideoVAE, get_vae_config, pixel_frames
 from streamdit.model.weights import check_safetensors, load_safetensors_into
+from streamdit.runtime.compile_health import CompileProbe
 from streamdit.runtime.generator import CacheGeometry, GeneratorRunner
 from streamdit.runtime.timeline import Timeline
 
@@ -116,11 +117,18 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
     """
     cfg = run.cfg
     model = model if model is not None else build_model(run)
+    probe = None
     if cfg.compile:
+        # One compiled generator per process: a previous model's cache entries would count
+        # against dynamo's recompile limit and push these blocks back to eager.
+        torch._dynamo.reset()
+        probe = CompileProbe(cfg.compile_backend, cfg.compile_mode)
         # forward keeps the cache bookkeeping eager; each block is compiled (one shared graph,
-        # static shapes once the window is full: see CausalWanDiT.compile_blocks).
-        model.compile_blocks()
-    return GeneratorRunner(
+        # static shapes once the window is full: see CausalWanDiT.compile_blocks). fullgraph
+        # off: a break is counted and judged by compile_health's budget (C-02), with dynamo's
+        # reasons, instead of an exception at the first trace.
+        model.compile_blocks(backend=probe, fullgraph=False)
+    runner = GeneratorRunner(
         model,
         scheduler=FlowMatchScheduler(shift=cfg.shift),
         geometry=CacheGeometry(height=cfg.height, width=cfg.width),
@@ -130,6 +138,8 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
         dtype=run.dtype,
         latent_anchor_frames=cfg.context_frames if cfg.recompute == "r0" else 0,
     )
+    runner.compile_probe = probe
+    return runner
 
 
 def build_stage0_parts(run: ValidatedRun) -> tuple[HashTextEncoder, CausalVideoVAE]:

@@ -55,6 +55,11 @@ class FaultPlan:
     decode_before_send: bool = False
     """O-02: a planted serialization bug: pp rank0 decodes every result before sending the next
     envelope (the overlap signature must catch it)."""
+    disabled_collectives: bool = False
+    """C-02: under --compile, TP all-reduces are c10d in-place calls behind `dynamo.disable`
+    (the reference system's layout): a graph break at every collective, over the budget."""
+    graph_break_rank: int | None = None
+    """C-03: this rank adds a graph break inside every block (the others do not)."""
     dump_latents: Path | None = None
     """Rank0 saves every chunk's generator output here as float32 .npy (equivalence tests)."""
 
@@ -74,6 +79,8 @@ class FaultPlan:
             stage0_ms=_int(cfg, "STAGE0_MS") or 0,
             stage1_ms=_int(cfg, "STAGE1_MS") or 0,
             decode_before_send=bool(_int(cfg, "DECODE_BEFORE_SEND")),
+            disabled_collectives=bool(_int(cfg, "DISABLED_COLLECTIVES")),
+            graph_break_rank=_int(cfg, "GRAPH_BREAK_RANK"),
             dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
@@ -97,6 +104,14 @@ class FaultPlan:
             return self.backend_override[1]
         return resolved
 
+    def add_graph_breaks(self, model: torch.nn.Module, rank: int) -> None:
+        """C-03: on `graph_break_rank`, a forward pre-hook in each block's FFN breaks the graph."""
+        if self.graph_break_rank != rank:
+            return
+        blocks = model.get_submodule("blocks")
+        for block in blocks:
+            block.get_submodule("ffn").register_forward_pre_hook(_graph_break)
+
     def mutate_weights(self, model: torch.nn.Module, rank: int, chunk_index: int | None = None) -> None:
         """At startup (`chunk_index` None) or before Phase B of `mutate_weight_at_chunk`."""
         if self.mutate_weight_rank == rank and chunk_index == self.mutate_weight_at_chunk:
@@ -113,6 +128,10 @@ class FaultPlan:
         if self.perturb_input_rank != rank:
             return inputs
         return dataclasses.replace(inputs, latents=inputs.latents + 1e-3)
+
+
+def _graph_break(_module: torch.nn.Module, _args: object) -> None:
+    torch._dynamo.graph_break()
 
 
 def _rank_value(cfg: RunConfig, name: str) -> tuple[int, str] | None:

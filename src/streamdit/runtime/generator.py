@@ -10,6 +10,7 @@ run this same object on other ranks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from streamdit.model.dit import CausalWanDiT
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs, mix_seed, seeded_normal
+
+if TYPE_CHECKING:
+    from streamdit.runtime.compile_health import CompileProbe
 
 RENOISE_STREAM = 1  # seed stream of the per-step re-noise draws (Phase A uses stream 0)
 
@@ -64,6 +68,8 @@ class GeneratorRunner:
         self.calls_made = 0
         # Test hook: an extra generator call per chunk (proves the plan assertion fires).
         self.extra_calls = 0
+        # The counting backend of the compiled blocks (None when eager): compile_health reads it.
+        self.compile_probe: CompileProbe | None = None
 
     def _local_heads(self) -> int:
         q = self.model.blocks[0].self_attn.q.weight

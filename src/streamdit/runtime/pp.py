@@ -24,6 +24,7 @@ from streamdit.protocol.errors import TransportError
 from streamdit.protocol.header import Action, Kind
 from streamdit.protocol.messages import PPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
+from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import ChunkIds
@@ -87,6 +88,7 @@ def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
         "exit_fn": session.flight.exit_after_dump(session.flight_path, exit_fn=_stay),
     }
     stage0, chunks = build_stage0(run)
+    compile_gate(None, run.cfg, run.dit, groups.world, allowed="world", record=session.flight)
     link = StageLink(
         P2PChannel(
             groups.world.pg,
@@ -154,11 +156,20 @@ def _mesh(session: RankSession) -> None:
     mesh = groups.mesh
     assert mesh is not None
     model = build_model(run)
-    apply_tp(model, mesh, group=MESH, inplace_collectives=not run.cfg.compile)
+    apply_tp(
+        model,
+        mesh,
+        group=MESH,
+        inplace_collectives=not run.cfg.compile or faults.disabled_collectives,
+        hide_from_compiler=faults.disabled_collectives,
+    )
     faults.mutate_weights(model, groups.global_rank)
+    faults.add_graph_breaks(model, groups.global_rank)
     check_replicated_fingerprints(model, mesh, allowed=MESH, log=log)
     runner = build_generator(run, model)
     runner.extra_calls = faults.extra_generator_calls
+    # warm-up on mesh_pg; the verdict is gathered on world, rank0 included (absent row)
+    compile_gate(runner, run.cfg, run.dit, groups.world, allowed="world", record=session.flight)
     tripwires = Tripwires(run.cfg, mesh, model, faults=faults, world=groups.world)
     broadcast = None
     if mesh.size > 1:

@@ -17,6 +17,7 @@ from streamdit.runtime.build import (
     load_input_frames,
     validate_run,
 )
+from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.liveness import StopFlag
@@ -49,6 +50,8 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
     faults = FaultPlan.from_config(cfg)
     runner = build_generator(run)
     runner.extra_calls = faults.extra_generator_calls
+    faults.add_graph_breaks(runner.model, 0)
+    compile_gate(runner, cfg, run.dit, None, allowed="world")
     stage0, chunks = build_stage0(run)
     log.info(
         "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",

@@ -31,6 +31,7 @@ from streamdit.protocol.channel import BroadcastChannel, ChannelFaults
 from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
 from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
+from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
@@ -54,11 +55,20 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with functional
         # ones, bench/results/tp_wan14b_h200x2_eager.json). Compiled: functional, so the
         # collectives stay inside the graph.
-        apply_tp(model, groups.tp, inplace_collectives=not cfg.compile)
+        apply_tp(
+            model,
+            groups.tp,
+            inplace_collectives=not cfg.compile or faults.disabled_collectives,
+            hide_from_compiler=faults.disabled_collectives,
+        )
         faults.mutate_weights(model, groups.global_rank)
+        faults.add_graph_breaks(model, groups.global_rank)
         check_replicated_fingerprints(model, groups.tp, allowed="tp", log=log)
         runner = build_generator(run, model)
         runner.extra_calls = faults.extra_generator_calls
+        # Same synthetic call plan on every rank (derived from parity-checked config), then
+        # every rank judges the same gathered counters.
+        compile_gate(runner, cfg, run.dit, groups.world, allowed="world", record=session.flight)
         channel = BroadcastChannel(
             groups.world.pg,
             0,
