@@ -7,6 +7,7 @@ the video closed and valid, typed errors → their code) and logging setup. Impo
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
     )
+    # `kill -USR1 <pid>` prints every thread's Python stack (a rank that looks stuck says where)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = StopFlag()
     previous = _install_drain_handlers(stop)
     try:
