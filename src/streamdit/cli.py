@@ -7,6 +7,7 @@ the video closed and valid, typed errors → their code) and logging setup. Impo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import logging
 import signal
@@ -29,10 +30,14 @@ from streamdit.config import (
     step_list_for,
 )
 from streamdit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StreamditError
+from streamdit.runtime.live import STOP_OVER_HTTP
 from streamdit.runtime.liveness import StopFlag
 
 if TYPE_CHECKING:
     from streamdit.runtime.driver import RunSummary
+    from streamdit.runtime.live import LiveStream
+
+SERVE_OUT = Path("out/serve/stream.mp4")  # serve without --out: flight records go beside it
 
 log = logging.getLogger("streamdit")
 
@@ -132,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     matrix.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: ranks on GPUs")
     matrix.add_argument("--row-timeout", type=float, default=20.0, help="seconds per row")
+    serve = sub.add_parser("serve", help="live generation in a browser, steered while it runs")
+    _add_run_flags(serve)
+    serve.set_defaults(out=None)  # serve records a video only when --out is given
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (rank0)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    serve.add_argument("--start-paused", action="store_true", help="wait for start on the page")
     inspect = sub.add_parser("inspect", help="name the first failing rank of a failed job")
     inspect.add_argument("dir", type=Path, help="the job's output folder (holding flight/) or flight/")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
@@ -197,7 +208,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         prompt=args.prompt,
         timeline=args.timeline,
         input_video=args.input_video,
-        out=args.out,
+        out=args.out if args.out is not None else SERVE_OUT,
         metrics=args.metrics,
         device=args.device,
         dtype=args.dtype,
@@ -214,7 +225,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         checkpoint=args.checkpoint,
         vae_checkpoint=args.vae_checkpoint,
         fps=args.fps,
-        progress=not args.no_progress and is_tty_allowed(),
+        progress=not args.no_progress and is_tty_allowed() and getattr(args, "command", "run") != "serve",
         test_hooks=read_test_hooks(),
     )
 
@@ -244,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
     )
     # `kill -USR1 <pid>` prints every thread's Python stack (a rank that looks stuck says where)
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr: no dump
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
     stop = StopFlag()
     previous = _install_drain_handlers(stop)
     try:
@@ -257,7 +269,20 @@ def main(argv: list[str] | None = None) -> int:
             from streamdit.runtime.launch import launch_local
 
             return launch_local(argv, cfg.nproc)
-        summary = _run(cfg, launch, stop)
+        if args.command == "serve" and launch.rank == 0:
+            from streamdit.serve.main import serve_rank0
+
+            summary = serve_rank0(
+                cfg,
+                stop,
+                lambda live: _run(cfg, launch, stop, live),
+                host=args.host,
+                port=args.port,
+                start_paused=args.start_paused,
+                record_video=args.out is not None,
+            )
+        else:
+            summary = _run(cfg, launch, stop)
     except ConfigError as exc:
         print(f"streamdit: {prefix}error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -273,40 +298,44 @@ def main(argv: list[str] | None = None) -> int:
     return _report(summary)
 
 
-def _run(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
+def _run(
+    cfg: RunConfig, launch: LaunchEnv, stop: StopFlag, live: LiveStream | None = None
+) -> RunSummary | None:
     # heavy imports only after the flags validated
     if cfg.topology == "tp":
         from streamdit.runtime.tp import run_tp
 
-        return run_tp(cfg, launch, stop)
+        return run_tp(cfg, launch, stop, live)
     if cfg.topology == "pp":
         from streamdit.runtime.pp import run_pp
 
-        return run_pp(cfg, launch, stop)
+        return run_pp(cfg, launch, stop, live)
     from streamdit.runtime.single import run_single
 
-    return run_single(cfg, stop)
+    return run_single(cfg, stop, live)
 
 
 def _report(summary: RunSummary | None) -> int:
     if summary is None:  # a generator-only rank: rank0 reports for the job
         return 0
     if summary.stopped_early:
+        where = f"in {summary.out}" if summary.out is not None else "served"
         print(
             f"streamdit: interrupted ({summary.stopped_early}); drained after {summary.chunks} chunks, "
-            f"{summary.frames} frames in {summary.out}",
+            f"{summary.frames} frames {where}",
             file=sys.stderr,
         )
-        # SIGTERM is how service managers stop a job: a completed drain is a success
-        return EXIT_OK if summary.stopped_early == "SIGTERM" else EXIT_INTERRUPTED
+        # SIGTERM is how service managers stop a job, the stop button how a viewer does: a
+        # completed drain is a success
+        return EXIT_OK if summary.stopped_early in ("SIGTERM", STOP_OVER_HTTP) else EXIT_INTERRUPTED
     pp = ""
     if summary.overlap_score is not None or summary.dropped_stale:
         score = "n/a" if summary.overlap_score is None else f"{summary.overlap_score:.3f}"
         pp = f"; overlap_score={score} dropped_stale={summary.dropped_stale}"
-    print(
-        f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out} "
-        f"in {summary.seconds:.1f} s{pp}"
-    )
+    where = f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out}"
+    if summary.out is None:
+        where = f"served {summary.frames} frames ({summary.chunks} chunks)"
+    print(f"{where} in {summary.seconds:.1f} s{pp}")
     return 0
 
 

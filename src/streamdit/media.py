@@ -33,6 +33,19 @@ class VideoWriter(Protocol):
     def close(self) -> None: ...
 
 
+class NullWriter:
+    """Counts frames and writes nothing (`serve` without `--out`: the browser is the output)."""
+
+    def __init__(self) -> None:
+        self.frames_written = 0
+
+    def write(self, frames: np.ndarray) -> None:
+        self.frames_written += int(frames.shape[0])
+
+    def close(self) -> None:
+        pass
+
+
 class NpyWriter:
     """Lossless uint8 [T, H, W, 3] frames; the header always describes whole frames on disk."""
 

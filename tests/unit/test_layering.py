@@ -18,6 +18,7 @@ ALLOWED = {
     "parallel": ("streamdit.errors", "streamdit.config", "streamdit.model", "streamdit.parallel"),
 }
 FORBIDDEN_THIRD_PARTY = {"model": ("av",), "protocol": ("av", "safetensors", "numpy")}
+WEB_STACK = ("starlette", "uvicorn", "websockets", "PIL")
 
 
 def _modules() -> list[Path]:
@@ -44,6 +45,17 @@ def test_imports_run_one_way(path: Path) -> None:
         if name.startswith("streamdit"):
             assert name.startswith(ALLOWED[package]), f"{path.name}: {package}/ may not import {name}"
         assert name.split(".")[0] not in FORBIDDEN_THIRD_PARTY.get(package, ()), f"{path.name} imports {name}"
+
+
+@pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))
+def test_the_web_stack_stays_in_serve(path: Path) -> None:
+    """`run` never loads the web stack: only serve/ imports it, only cli.py imports serve/."""
+    package = path.relative_to(SRC).parts[0]
+    for name in _imports(path):
+        if package != "serve":
+            assert name.split(".")[0] not in WEB_STACK, f"{path.name} imports {name}"
+        if name.startswith("streamdit.serve"):
+            assert package == "serve" or path.name == "cli.py", f"{path.name} imports {name}"
 
 
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(SRC)))

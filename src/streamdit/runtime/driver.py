@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from streamdit.config import RunConfig
-from streamdit.media import open_writer
+from streamdit.media import NullWriter, VideoWriter, open_writer
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
+from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs
@@ -39,7 +40,7 @@ Check = Callable[[ChunkIds, GeneratorInputs, torch.Tensor], None]
 class RunSummary:
     chunks: int
     frames: int
-    out: Path
+    out: Path | None  # None: nothing recorded (serve without --out)
     seconds: float
     stopped_early: str = ""  # the drain reason when a stop request ended the stream
     dropped_stale: int = 0  # pp: old-epoch results dropped after an immediate cut (never decoded)
@@ -59,10 +60,14 @@ class StreamOutputs:
     on any exit, so a crash or a signal leaves a valid video.
     """
 
-    def __init__(self, cfg: RunConfig, chunks: int) -> None:
+    def __init__(self, cfg: RunConfig, chunks: int, live: LiveStream | None = None) -> None:
         self.cfg = cfg
         self.t_start = time.monotonic()
-        self.writer = open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
+        self.writer: VideoWriter = (
+            open_writer(cfg.out, height=cfg.height, width=cfg.width, fps=cfg.fps)
+            if live is None or live.record_video
+            else NullWriter()
+        )
         self.metrics = MetricsWriter(cfg.metrics)
         self.progress = Progress(chunks, enabled=cfg.progress)
 
@@ -80,7 +85,7 @@ class StreamOutputs:
         return RunSummary(
             chunks=len(self.metrics.records),
             frames=self.writer.frames_written,
-            out=self.cfg.out,
+            out=None if isinstance(self.writer, NullWriter) else self.cfg.out,
             seconds=time.monotonic() - self.t_start,
             stopped_early=stop.reason if stop.requested else "",
             dropped_stale=dropped_stale,
@@ -100,12 +105,18 @@ def drive(
     publish: Publish | None = None,
     check: Check | None = None,
     guard: threading.Lock | None = None,
+    live: LiveStream | None = None,
+    keepalive: Callable[[], None] | None = None,
 ) -> RunSummary:
     """`guard` (tp): held around every frame write, so a watchdog verdict that ends the process
-    from another thread never cuts a write in half."""
-    with StreamOutputs(cfg, chunks) as outputs:
+    from another thread never cuts a write in half. `live` (serve): the chunk boundary waits
+    there while paused, calling `keepalive` (tp: a NOOP to the workers), and every emitted chunk
+    is reported to it."""
+    with StreamOutputs(cfg, chunks, live) as outputs:
         writer, metrics, progress = outputs.writer, outputs.metrics, outputs.progress
         for k in range(chunks):
+            if live is not None:
+                live.boundary(keepalive)
             if stop.requested:
                 log.warning("draining after %d chunks (%s)", k, stop.reason)
                 break
@@ -127,20 +138,21 @@ def drive(
             with guard or nullcontext():
                 writer.write(frames)
             t3 = time.perf_counter()
-            metrics.write(
-                ChunkMetrics(
-                    chunk_index=ids.chunk_index,
-                    cache_epoch=ids.cache_epoch,
-                    call_id=ids.call_id,
-                    frames=int(frames.shape[0]),
-                    generator_calls=runner.calls_made - calls_before,
-                    phase_a_ms=(t1 - t0) * 1e3,
-                    phase_b_ms=(t2 - t1) * 1e3,
-                    phase_c_ms=(t3 - t2) * 1e3,
-                    transition=notes.transition,
-                    kv_recompute=inputs.do_kv_recompute,
-                )
+            record = ChunkMetrics(
+                chunk_index=ids.chunk_index,
+                cache_epoch=ids.cache_epoch,
+                call_id=ids.call_id,
+                frames=int(frames.shape[0]),
+                generator_calls=runner.calls_made - calls_before,
+                phase_a_ms=(t1 - t0) * 1e3,
+                phase_b_ms=(t2 - t1) * 1e3,
+                phase_c_ms=(t3 - t2) * 1e3,
+                transition=notes.transition,
+                kv_recompute=inputs.do_kv_recompute,
             )
+            metrics.write(record)
+            if live is not None:
+                live.emitted(frames, record)
             progress.update(k + 1, writer.frames_written)
             if faults.slow_chunk_ms:
                 time.sleep(faults.slow_chunk_ms / 1e3)

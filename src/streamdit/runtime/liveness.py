@@ -72,6 +72,10 @@ class Watchdog:
         self._verdict = threading.Event()
         self.verdict_message = ""
         self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
+        # per watched peer: when its heartbeat last changed, and whether it ended cleanly
+        # (written by the watchdog thread, read by a status page)
+        self.last_change: dict[int, float] = dict.fromkeys(self.watched, time.monotonic())
+        self.ended: set[int] = set()
 
     def start(self) -> None:
         """Connect to the rendezvous store and start beating (after the process group exists)."""
@@ -96,6 +100,16 @@ class Watchdog:
             except Exception as exc:  # noqa: BLE001 - rank0's store may already be gone
                 log.debug("could not mark done: %s", exc)
 
+    def peers(self) -> list[dict[str, object]]:
+        """Liveness of every watched peer: seconds since its last heartbeat, and a verdict."""
+        now = time.monotonic()
+        out = []
+        for peer in self.watched:
+            silent = now - self.last_change[peer]
+            state = "done" if peer in self.ended else "alive" if silent <= self.window_s else "lost"
+            out.append({"rank": peer, "state": state, "silent_s": round(silent, 2)})
+        return out
+
     def peer_lost(self, wait_s: float) -> bool:
         """After a transport error: does a watched peer turn out silent within `wait_s`?
 
@@ -114,7 +128,7 @@ class Watchdog:
 
     def _loop(self) -> None:
         last_value = dict.fromkeys(self.watched, -1)
-        last_change = dict.fromkeys(self.watched, time.monotonic())
+        last_change = self.last_change
         watched = list(self.watched)
         store_down = False  # its host (rank0 under torchrun) is gone: stop asking, let time tell
         while not self._stop.wait(self.interval_s):
@@ -126,6 +140,7 @@ class Watchdog:
                         self._beat()
                         if self._store is not None and self._store.add(f"{PREFIX}/done/{peer}", 0) > 0:
                             watched.remove(peer)  # ended cleanly: nothing more to watch
+                            self.ended.add(peer)
                             continue
                         value = self._store.add(f"{PREFIX}/hb/{peer}", 0) if self._store else -1
                     except Exception as exc:  # noqa: BLE001 - an unreachable store = no heartbeat

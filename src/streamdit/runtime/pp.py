@@ -26,12 +26,13 @@ from streamdit.protocol.messages import PPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
 from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary
+from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import ChunkIds
 from streamdit.runtime.pp_link import LEADER, StageLink
 from streamdit.runtime.pp_mesh import MeshRank
 from streamdit.runtime.pp_stage0 import drive_pipelined, pp_envelope
-from streamdit.runtime.session import RankSession, rank_session
+from streamdit.runtime.session import RankSession, liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
 from streamdit.runtime.tp import parity_items
 from streamdit.runtime.tripwires import Tripwires
@@ -41,8 +42,10 @@ log = logging.getLogger(__name__)
 MESH = "mesh"  # the only group Phase B collectives may use under pp
 
 
-def run_pp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
-    """One rank of a pp job; returns rank0's summary, None on mesh ranks."""
+def run_pp(
+    cfg: RunConfig, launch: LaunchEnv, stop: StopFlag, live: LiveStream | None = None
+) -> RunSummary | None:
+    """One rank of a pp job; returns rank0's summary, None on mesh ranks. `live`: rank0 of serve."""
     if launch.world_size < 2:
         raise ConfigError(
             f"pp needs at least 2 ranks (rank0 + a mesh), got {launch.world_size} [field=nproc]"
@@ -54,7 +57,7 @@ def run_pp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         )
         summary = None
         if launch.rank == 0:
-            summary = _stage0(session, stop)
+            summary = _stage0(session, stop, live)
         else:
             _mesh(session)
         session.done = True
@@ -77,7 +80,7 @@ def _pp_parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
     return items
 
 
-def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
+def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> RunSummary:
     """rank0: Phase A + C only (no generator), through the two comm threads."""
     run, groups, faults = session.run, session.groups, session.faults
     assert groups.mesh is None and groups.link is not None  # rank0 is never in mesh_pg
@@ -87,7 +90,9 @@ def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
         **session.channel_kw(),
         "exit_fn": session.flight.exit_after_dump(session.flight_path, exit_fn=_stay),
     }
-    stage0, chunks = build_stage0(run)
+    stage0, chunks = build_stage0(run, live)
+    if live is not None:
+        live.liveness = liveness_of(session)
     compile_gate(None, run.cfg, run.dit, groups.world, allowed="world", record=session.flight)
     link = StageLink(
         P2PChannel(
@@ -125,6 +130,7 @@ def _stage0(session: RankSession, stop: StopFlag) -> RunSummary:
             faults=faults,
             stop=stop,
             guard=session.guard,
+            live=live,
         )
     except BaseException as exc:
         # Tell the mesh only about failures it cannot see: not its own (PeerAbort), not a dead

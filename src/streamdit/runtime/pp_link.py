@@ -215,6 +215,8 @@ class StageLink:
                 self._fail(exc)
                 return
             assert isinstance(result, PPResultV1)
+            if result.action is Action.NOOP:
+                continue  # the answer to an idle keepalive: nothing for the main thread
             self.d_out.put(Arrival(result, self.now()))
             if result.action is not Action.INFER:
                 return

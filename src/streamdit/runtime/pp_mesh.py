@@ -91,6 +91,10 @@ class MeshRank:
             msg = self._receive(envelopes, results)
             got = time.perf_counter()
             if msg.action is Action.NOOP:
+                # rank0 is idle (serve paused): pass the keepalive on to the mesh and answer it,
+                # so no rank's blocking receive reaches the process-group timeout
+                self._forward_terminal(msg)
+                results.send(PPResultV1(action=Action.NOOP, call_id=msg.call_id, cache_epoch=msg.cache_epoch))
                 continue
             if msg.action is not Action.INFER:
                 self._forward_terminal(msg)
@@ -149,7 +153,7 @@ class MeshRank:
         return msg
 
     def _forward_terminal(self, msg: PPEnvelopeV1) -> None:
-        """SHUTDOWN / ERROR to the mesh peers, best effort (none in PP0)."""
+        """NOOP / SHUTDOWN / ERROR to the mesh peers, best effort (none in PP0)."""
         if self.broadcast is None or self.broadcast.broken is not None:
             return
         try:

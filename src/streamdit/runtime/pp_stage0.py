@@ -36,6 +36,7 @@ from streamdit.protocol.header import Action
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1
 from streamdit.runtime.driver import RunSummary, StreamOutputs, sync
 from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress, overlap_score
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
@@ -86,8 +87,10 @@ class PipelinedDriver:
         metrics: MetricsWriter,
         progress: Progress,
         guard: threading.Lock,
+        live: LiveStream | None = None,
     ) -> None:
         self.cfg = cfg
+        self.live = live
         self.guard = guard  # held around frame writes (see driver.drive)
         self.stage0 = stage0
         self.link = link
@@ -117,6 +120,14 @@ class PipelinedDriver:
         self.link.submit(pp_envelope(Action.INFER, ids, self.cfg.recompute, sent))
         self.pending.append(InFlight(ids=ids, inputs=inputs, notes=notes, phase_a_ms=phase_a_ms))
 
+    def keepalive(self) -> None:
+        """A NOOP through the link while idle: the leader forwards it to the mesh and answers
+        with a NOOP result, so no rank's blocking receive reaches the process-group timeout."""
+        ids = ChunkIds(
+            call_id=self.stage0.take_call_id(), chunk_index=-1, cache_epoch=self.stage0.cache_epoch
+        )
+        self.link.submit(pp_envelope(Action.NOOP, ids, self.cfg.recompute))
+
     def drain(self) -> None:
         while self.pending:
             self.take_one()
@@ -137,27 +148,28 @@ class PipelinedDriver:
         sync(self.device)
         now = time.perf_counter()
         d_in, d_out = self.link.depths()
-        self.metrics.write(
-            ChunkMetrics(
-                chunk_index=item.ids.chunk_index,
-                cache_epoch=item.ids.cache_epoch,
-                call_id=item.ids.call_id,
-                frames=int(frames.shape[0]),
-                generator_calls=int(result.observed_generator_calls or 0),
-                phase_a_ms=item.phase_a_ms,
-                phase_b_ms=float(result.stage1_ms or 0.0),
-                phase_c_ms=(now - t0) * 1e3,
-                transition=item.notes.transition,
-                kv_recompute=item.inputs.do_kv_recompute,
-                stage0_ms=item.phase_a_ms + (now - t0) * 1e3,
-                stage1_ms=result.stage1_ms,
-                period_ms=None if self.last_emit is None else (now - self.last_emit) * 1e3,
-                mesh_idle_ms=result.mesh_idle_ms,
-                in_flight=len(self.pending),
-                d_in=d_in,
-                d_out=d_out,
-            )
+        record = ChunkMetrics(
+            chunk_index=item.ids.chunk_index,
+            cache_epoch=item.ids.cache_epoch,
+            call_id=item.ids.call_id,
+            frames=int(frames.shape[0]),
+            generator_calls=int(result.observed_generator_calls or 0),
+            phase_a_ms=item.phase_a_ms,
+            phase_b_ms=float(result.stage1_ms or 0.0),
+            phase_c_ms=(now - t0) * 1e3,
+            transition=item.notes.transition,
+            kv_recompute=item.inputs.do_kv_recompute,
+            stage0_ms=item.phase_a_ms + (now - t0) * 1e3,
+            stage1_ms=result.stage1_ms,
+            period_ms=None if self.last_emit is None else (now - self.last_emit) * 1e3,
+            mesh_idle_ms=result.mesh_idle_ms,
+            in_flight=len(self.pending),
+            d_in=d_in,
+            d_out=d_out,
         )
+        self.metrics.write(record)
+        if self.live is not None:
+            self.live.emitted(frames, record)
         self.last_emit = now
         self.progress.update(len(self.metrics.records), self.writer.frames_written)
         if self.faults.slow_chunk_ms:  # test hook: rank0 idles after each chunk (signal windows)
@@ -230,9 +242,13 @@ def drive_pipelined(
     faults: FaultPlan,
     stop: StopFlag,
     guard: threading.Lock,
+    live: LiveStream | None = None,
 ) -> RunSummary:
-    """Every chunk through the pipeline; files closed on any exit (valid video)."""
-    with StreamOutputs(cfg, chunks) as outputs:
+    """Every chunk through the pipeline; files closed on any exit (valid video).
+
+    `live` (serve): while paused, the pipeline drains (every chunk in flight is shown), then
+    idles at the boundary with a NOOP keepalive through the link every keepalive period."""
+    with StreamOutputs(cfg, chunks, live) as outputs:
         driver = PipelinedDriver(
             cfg,
             stage0=stage0,
@@ -243,8 +259,11 @@ def drive_pipelined(
             metrics=outputs.metrics,
             progress=outputs.progress,
             guard=guard,
+            live=live,
         )
         for k in range(chunks):
+            if live is not None:
+                live.boundary(driver.keepalive, before_idle=driver.drain)
             if stop.requested:
                 log.warning("draining after %d chunks sent (%s)", k, stop.reason)
                 break

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,3 +100,12 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
             destroy_groups(groups)
         else:
             log.critical("poisoned: process groups left as they are (no further dist calls)")
+
+
+def liveness_of(session: RankSession) -> Callable[[], list[dict[str, object]]]:
+    """rank0's view for a status page: itself, then every peer its watchdog watches."""
+
+    def view() -> list[dict[str, object]]:
+        return [{"rank": session.launch.rank, "state": "alive", "silent_s": 0.0}, *session.watchdog.peers()]
+
+    return view

@@ -20,21 +20,28 @@ from streamdit.runtime.build import (
 from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.stage0 import Stage0
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunSummary", "build_stage0", "run_single"]
+__all__ = ["LIVE_CHUNKS", "RunSummary", "build_stage0", "run_single"]
+LIVE_CHUNKS = 10**12  # serve: "until stopped" (a chunk loop bound no stream reaches)
 
 
-def build_stage0(run: ValidatedRun) -> tuple[Stage0, int]:
-    """Rank0's Phase A/C parts (text encoder, VAE, input video) and the chunk count."""
+def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Stage0, int]:
+    """Rank0's Phase A/C parts (text encoder, VAE, input video) and the chunk count.
+
+    `live` (serve): prompts come from its live timeline, and the stream runs until stopped (or
+    until the input video ends)."""
     input_frames, chunks = load_input_frames(run)
+    if live is not None and input_frames is None:
+        chunks = LIVE_CHUNKS
     text, vae = build_stage0_parts(run)
     stage0 = Stage0(
         run.cfg,
-        timeline=run.timeline,
+        timeline=live.timeline if live is not None else run.timeline,
         text_encoder=text,
         vae=vae,
         scheduler=FlowMatchScheduler(shift=run.cfg.shift),
@@ -45,14 +52,14 @@ def build_stage0(run: ValidatedRun) -> tuple[Stage0, int]:
     return stage0, chunks
 
 
-def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
+def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | None = None) -> RunSummary:
     run = validate_run(cfg)
     faults = FaultPlan.from_config(cfg)
     runner = build_generator(run)
     runner.extra_calls = faults.extra_generator_calls
     faults.add_graph_breaks(runner.model, 0)
     compile_gate(runner, cfg, run.dit, None, allowed="world")
-    stage0, chunks = build_stage0(run)
+    stage0, chunks = build_stage0(run, live)
     log.info(
         "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",
         cfg.preset,
@@ -71,4 +78,5 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None) -> RunSummary:
         device=run.device,
         faults=faults,
         stop=stop or StopFlag(),
+        live=live,
     )

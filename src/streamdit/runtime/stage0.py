@@ -21,7 +21,7 @@ from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.text import TextEncoder, blend
 from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, mix_seed, seeded_normal
-from streamdit.runtime.timeline import PromptState, Timeline
+from streamdit.runtime.timeline import PromptSource, PromptState
 
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
@@ -44,7 +44,7 @@ class Stage0:
         self,
         cfg: RunConfig,
         *,
-        timeline: Timeline,
+        timeline: PromptSource,
         text_encoder: TextEncoder,
         vae: CausalVideoVAE,
         scheduler: FlowMatchScheduler,

@@ -23,7 +23,7 @@ import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from streamdit.errors import ConfigError
 
@@ -56,6 +56,12 @@ class PromptState:
         return (self.prompt, self.previous, self.alpha)
 
 
+class PromptSource(Protocol):
+    """What Phase A asks per chunk: a file timeline, or a live one steered by a user (serve)."""
+
+    def state(self, chunk: int) -> PromptState: ...
+
+
 class Timeline:
     """Ordered entries starting at chunk 0; immutable after construction."""
 
@@ -83,25 +89,30 @@ class Timeline:
         return cls(parse_entries(data, path))
 
     def state(self, chunk: int) -> PromptState:
-        idx = max(i for i, e in enumerate(self.entries) if e.chunk <= chunk)
-        cur = self.entries[idx]
-        hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition in ("hard", "cut")
-        if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < cur.blend_chunks:
-            alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
-            prev = self.entries[idx - 1].prompt
-            if alpha < 1.0:
-                return PromptState(
-                    prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True
-                )
-            return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
-        return PromptState(
-            prompt=cur.prompt,
-            previous=None,
-            alpha=1.0,
-            hard_cut=hard_cut,
-            soft_active=False,
-            drop_in_flight=hard_cut and cur.transition == "cut",
-        )
+        return state_at(self.entries, chunk)
+
+
+def state_at(entries: tuple[TimelineEntry, ...] | list[TimelineEntry], chunk: int) -> PromptState:
+    """The prompt state of `chunk` under `entries` (ordered by chunk, the first at or before it)."""
+    idx = max(i for i, e in enumerate(entries) if e.chunk <= chunk)
+    cur = entries[idx]
+    hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition in ("hard", "cut")
+    if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < cur.blend_chunks:
+        alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
+        prev = entries[idx - 1].prompt
+        if alpha < 1.0:
+            return PromptState(
+                prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True
+            )
+        return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
+    return PromptState(
+        prompt=cur.prompt,
+        previous=None,
+        alpha=1.0,
+        hard_cut=hard_cut,
+        soft_active=False,
+        drop_in_flight=hard_cut and cur.transition == "cut",
+    )
 
 
 def parse_entries(data: Any, path: Path) -> list[TimelineEntry]:

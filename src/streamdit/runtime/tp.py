@@ -35,9 +35,10 @@ from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
+from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
-from streamdit.runtime.session import rank_session
+from streamdit.runtime.session import liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
 from streamdit.runtime.tripwires import Tripwires
 
@@ -45,8 +46,10 @@ log = logging.getLogger(__name__)
 TP_PLAN = "generator_only"
 
 
-def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
-    """One rank of a TP job; returns rank0's summary, None on workers."""
+def run_tp(
+    cfg: RunConfig, launch: LaunchEnv, stop: StopFlag, live: LiveStream | None = None
+) -> RunSummary | None:
+    """One rank of a TP job; returns rank0's summary, None on workers. `live`: rank0 of serve."""
     with rank_session(cfg, launch, topology="tp") as session:
         run, groups, faults = session.run, session.groups, session.faults
         assert groups.tp is not None
@@ -81,7 +84,9 @@ def run_tp(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | No
         tripwires = Tripwires(cfg, groups.tp, model, faults=faults, world=groups.world)
         summary = None
         if launch.rank == 0:
-            summary = _rank0(run, runner, channel, tripwires, faults, stop, session.guard)
+            if live is not None:
+                live.liveness = liveness_of(session)
+            summary = _rank0(run, runner, channel, tripwires, faults, stop, session.guard, live)
         else:
             _worker(runner, channel, tripwires, faults, groups.global_rank)
         session.done = True
@@ -129,8 +134,9 @@ def _rank0(
     faults: FaultPlan,
     stop: StopFlag,
     guard: threading.Lock,
+    live: LiveStream | None,
 ) -> RunSummary:
-    stage0, chunks = build_stage0(run)
+    stage0, chunks = build_stage0(run, live)
 
     def publish(ids: ChunkIds, inputs: GeneratorInputs) -> None:
         channel.send(tp_envelope(Action.INFER, ids, faults.corrupt_plan(ids.chunk_index, inputs)))
@@ -139,6 +145,11 @@ def _rank0(
 
     def check(ids: ChunkIds, inputs: GeneratorInputs, latents: torch.Tensor) -> None:
         tripwires.output(ids, latents)
+
+    def keepalive() -> None:
+        # serve paused: workers wait in the next broadcast; a NOOP resets their timeout
+        ids = ChunkIds(call_id=stage0.take_call_id(), chunk_index=-1, cache_epoch=stage0.cache_epoch)
+        channel.send(tp_envelope(Action.NOOP, ids))
 
     try:
         summary = drive(
@@ -152,6 +163,8 @@ def _rank0(
             publish=publish,
             check=check,
             guard=guard,
+            live=live,
+            keepalive=keepalive,
         )
     except BaseException as exc:
         # A digest or parity mismatch was found by a collective comparison: every rank raised it

@@ -1,0 +1,242 @@
+"""A live stream's controls on rank0 (`streamdit serve`): steering, pause, and what a server reads.
+
+Owns:
+- `LiveTimeline`: a prompt source steered while the stream runs. A submitted prompt takes effect
+  at the next chunk boundary: the first chunk Phase A prepares after the submission. A "hard"
+  change is an immediate cut (a live user's cut: the old scene still in flight under pp is
+  dropped); "soft" blends over `blend_chunks` chunks.
+- `LiveStream`: run state (running / paused / stopping), the chunk boundary the rank0 loop waits
+  at while paused (calling a keepalive so peers blocked on the next message do not time out), the
+  per-chunk record of what was emitted (FPS, chunk period percentiles, epoch, queue depths) and
+  the frame sink a server attaches.
+
+Thread model: the server thread calls `submit`, `pause`, `resume`, `request_stop`, `status`; the
+rank0 loop calls `boundary` and `emitted`. Every shared field is guarded by one lock; the sink is
+called on the loop's thread and must not block (the server's hub only enqueues).
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from streamdit.errors import ConfigError
+from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.metrics import ChunkMetrics
+from streamdit.runtime.timeline import PromptState, TimelineEntry, state_at
+
+LIVE_TRANSITIONS = {"hard": "cut", "soft": "soft"}  # page / API name -> timeline transition
+MAX_PROMPT_CHARS = 2000
+STOP_OVER_HTTP = "stop requested over HTTP"  # the drain reason of serve's stop (exit 0, like SIGTERM)
+PERIOD_WINDOW = 200  # chunk periods kept for p50 / p99
+FPS_WINDOW = 8  # chunks the FPS is measured over
+IDLE_POLL_S = 0.25
+
+Sink = Callable[[np.ndarray, ChunkMetrics], None]
+
+
+def check_prompt(prompt: object, transition: object) -> tuple[str, str]:
+    """The boundary check of a steering request; raises ConfigError naming the field."""
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string, got {type(prompt).__name__} [field=prompt]")
+    text = prompt.strip()
+    if not text:
+        raise ConfigError("prompt must not be empty [field=prompt]")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"prompt has {len(text)} characters, at most {MAX_PROMPT_CHARS} [field=prompt]")
+    if not isinstance(transition, str) or transition not in LIVE_TRANSITIONS:
+        raise ConfigError(
+            f"unknown transition {transition!r}: use one of {sorted(LIVE_TRANSITIONS)} [field=transition]"
+        )
+    return text, transition
+
+
+class LiveTimeline:
+    """A timeline that grows while the stream runs (see the module docstring)."""
+
+    def __init__(self, prompt: str, *, blend_chunks: int = 2) -> None:
+        self.blend_chunks = blend_chunks
+        self._lock = threading.Lock()
+        # the last two entries are all a state needs (the current one and, for a blend, its predecessor)
+        self._entries: list[TimelineEntry] = [TimelineEntry(chunk=0, prompt=prompt)]
+        self._pending: tuple[str, str] | None = None
+
+    def submit(self, prompt: str, transition: str) -> None:
+        """Queue a change for the next chunk boundary; a later submission replaces a pending one."""
+        text, kind = check_prompt(prompt, transition)
+        with self._lock:
+            self._pending = (text, LIVE_TRANSITIONS[kind])
+
+    def state(self, chunk: int) -> PromptState:
+        with self._lock:
+            if self._pending is not None and chunk > self._entries[-1].chunk:
+                prompt, transition = self._pending
+                self._pending = None
+                entry = TimelineEntry(
+                    chunk=chunk, prompt=prompt, transition=transition, blend_chunks=self.blend_chunks
+                )
+                self._entries = [*self._entries[-1:], entry]
+            return state_at(self._entries, chunk)
+
+    def current(self) -> tuple[str, str | None]:
+        """(the prompt in effect, a pending one or None)."""
+        with self._lock:
+            return self._entries[-1].prompt, (self._pending[0] if self._pending else None)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Emitted:
+    """What the loop reports per chunk (the status reads the latest and a window of them)."""
+
+    t: float
+    record: ChunkMetrics
+
+
+class LiveStream:
+    """rank0's live controls and status (see the module docstring)."""
+
+    def __init__(
+        self,
+        prompt: str,
+        stop: StopFlag,
+        *,
+        keepalive_s: float,
+        start_paused: bool = False,
+        record_video: bool = False,
+    ) -> None:
+        self.timeline = LiveTimeline(prompt)
+        self.stop = stop
+        self.keepalive_s = keepalive_s
+        self.record_video = record_video
+        self.sinks: list[Sink] = []
+        self.liveness: Callable[[], list[dict[str, object]]] = lambda: [
+            {"rank": 0, "state": "alive", "silent_s": 0.0}
+        ]
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._paused = start_paused
+        self._idle = False  # the loop is waiting at a boundary
+        self._emitted: deque[Emitted] = deque(maxlen=PERIOD_WINDOW + 1)
+        self._frames_total = 0
+        self._t_start = time.monotonic()
+        self.failure: str | None = None
+
+    # ---- server side -----------------------------------------------------------------------
+
+    def submit(self, prompt: object, transition: object) -> dict[str, object]:
+        text, kind = check_prompt(prompt, transition)
+        self.timeline.submit(text, kind)
+        with self._lock:
+            last = self._emitted[-1].record if self._emitted else None
+        return {
+            "accepted": True,
+            "prompt": text,
+            "transition": kind,
+            "after_chunk": last.chunk_index if last else None,
+        }
+
+    def pause(self) -> None:
+        with self._lock:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._wake:
+            self._paused = False
+            self._wake.notify_all()
+
+    def request_stop(self, reason: str) -> None:
+        self.stop.request(reason)
+        with self._wake:
+            self._wake.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        with self._lock:
+            return self._paused
+
+    # ---- loop side -------------------------------------------------------------------------
+
+    def boundary(
+        self, keepalive: Callable[[], None] | None, before_idle: Callable[[], None] | None = None
+    ) -> None:
+        """Block while paused (until resumed or stopped), calling `keepalive` every keepalive_s."""
+        if not self.paused or self.stop.requested:
+            return
+        if before_idle is not None:
+            before_idle()  # pp: show every chunk in flight before going idle
+        with self._wake:
+            self._idle = True
+            due = time.monotonic() + self.keepalive_s
+            try:
+                # short waits: a stop from a signal handler (which cannot notify) is seen quickly
+                while self._paused and not self.stop.requested:
+                    self._wake.wait(timeout=min(IDLE_POLL_S, self.keepalive_s))
+                    if keepalive is not None and time.monotonic() >= due:
+                        self._wake.release()  # a keepalive is a send: never under the lock
+                        try:
+                            keepalive()
+                        finally:
+                            self._wake.acquire()
+                        due = time.monotonic() + self.keepalive_s
+            finally:
+                self._idle = False
+
+    def emitted(self, frames: np.ndarray, record: ChunkMetrics) -> None:
+        with self._lock:
+            self._emitted.append(Emitted(t=time.monotonic(), record=record))
+            self._frames_total += int(frames.shape[0])
+        for sink in self.sinks:
+            sink(frames, record)
+
+    # ---- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, object]:
+        with self._lock:
+            emitted = list(self._emitted)
+            state = (
+                "stopping"
+                if self.stop.requested
+                else "paused"
+                if self._paused
+                else "running"
+                if emitted
+                else "starting"
+            )
+            frames_total, idle = self._frames_total, self._idle
+        prompt, pending = self.timeline.current()
+        last = emitted[-1].record if emitted else None
+        periods = [(b.t - a.t) * 1e3 for a, b in zip(emitted, emitted[1:], strict=False)]
+        recent = emitted[-(FPS_WINDOW + 1) :]
+        span = recent[-1].t - recent[0].t if len(recent) > 1 else 0.0
+        fps = sum(e.record.frames for e in recent[1:]) / span if span > 0 else None
+        return {
+            "state": state,
+            "idle": idle,
+            "prompt": prompt,
+            "pending_prompt": pending,
+            "chunk_index": last.chunk_index if last else None,
+            "cache_epoch": last.cache_epoch if last else None,
+            "transition": last.transition if last else None,
+            "frames_total": frames_total,
+            "fps": fps,
+            "period_ms_p50": _percentile(periods, 50),
+            "period_ms_p99": _percentile(periods, 99),
+            "queue": {"in_flight": last.in_flight, "d_in": last.d_in, "d_out": last.d_out} if last else None,
+            "ranks": self.liveness(),
+            "uptime_s": time.monotonic() - self._t_start,
+            "failure": self.failure,
+        }
+
+
+def _percentile(values: list[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]

@@ -1,0 +1,210 @@
+"""The HTTP side of `streamdit serve`: one page, a frame WebSocket and a small JSON API.
+
+Owns: `build_app(live, hub)` (Starlette routes) and `ServerThread` (uvicorn on its own thread and
+event loop, bound before the stream starts so the page can show start-up). Routes:
+
+| route            | what                                                                     |
+|------------------|--------------------------------------------------------------------------|
+| `GET /`          | the page: live frames, prompt box (hard cut / soft), start/pause/stop      |
+| `GET /status`    | JSON: state, chunk, epoch, FPS, period p50/p99, queues, ranks, clients     |
+| `POST /prompt`   | `{"prompt": str, "transition": "hard"|"soft"}` -> 202, next chunk boundary |
+| `POST /pause`    | pause at the next chunk boundary (peers kept alive)                       |
+| `POST /start`    | resume                                                                    |
+| `POST /stop`     | drain and shut every rank down (the process then exits 0)                 |
+| `WS /frames`     | `{"client": id}` first, then one binary message per frame (JPEG); the     |
+|                  | client acknowledges with its                                              |
+|                  | running frame count as text (at most 24 frames go out unacknowledged)     |
+
+Bad input never reaches the stream: a body over 16 KiB is 413, malformed JSON or a non-object is
+400, an unknown key, an empty or over-long prompt or an unknown transition is 422; every error
+is `{"error": message}` naming the field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import threading
+from importlib.resources import files
+
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from streamdit.errors import ConfigError
+from streamdit.runtime.live import MAX_PROMPT_CHARS, STOP_OVER_HTTP, LiveStream
+from streamdit.serve.hub import Client, FrameHub
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 16 * 1024
+PROMPT_KEYS = {"prompt", "transition"}
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_json(request: Request) -> dict[str, object] | JSONResponse:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY:
+        return _error(413, f"body of {declared} bytes exceeds {MAX_BODY} [field=body]")
+    body = b""
+    async for part in request.stream():
+        body += part
+        if len(body) > MAX_BODY:
+            return _error(413, f"body exceeds {MAX_BODY} bytes [field=body]")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _error(400, f"malformed JSON: {exc} [field=body]")
+    if not isinstance(data, dict):
+        return _error(400, f"expected a JSON object, got {type(data).__name__} [field=body]")
+    return data
+
+
+def build_app(live: LiveStream, hub: FrameHub, *, height: int, width: int) -> Starlette:
+    page = files("streamdit.serve").joinpath("page.html").read_text(encoding="utf-8")
+    for key, value in {
+        "FPS": hub.fps,
+        "MAX_PROMPT": MAX_PROMPT_CHARS,
+        "HEIGHT": height,
+        "WIDTH": width,
+    }.items():
+        page = page.replace("{{" + key + "}}", str(value))
+
+    async def index(_: Request) -> Response:
+        return HTMLResponse(page)
+
+    async def status(_: Request) -> Response:
+        return JSONResponse({**live.status(), **hub.stats()})
+
+    async def prompt(request: Request) -> Response:
+        data = await _read_json(request)
+        if isinstance(data, JSONResponse):
+            return data
+        unknown = sorted(set(data) - PROMPT_KEYS)
+        if unknown:
+            return _error(422, f"unknown keys {unknown}: expected {sorted(PROMPT_KEYS)} [field={unknown[0]}]")
+        if "prompt" not in data:
+            return _error(422, "missing prompt [field=prompt]")
+        try:
+            accepted = live.submit(data["prompt"], data.get("transition", "soft"))
+        except ConfigError as exc:
+            too_long = isinstance(data["prompt"], str) and len(data["prompt"].strip()) > MAX_PROMPT_CHARS
+            return _error(413 if too_long else 422, str(exc))
+        return JSONResponse(accepted, status_code=202)
+
+    async def pause(_: Request) -> Response:
+        live.pause()
+        return JSONResponse({"state": "paused"})
+
+    async def start(_: Request) -> Response:
+        live.resume()
+        return JSONResponse({"state": "running"})
+
+    async def stop(_: Request) -> Response:
+        live.request_stop(STOP_OVER_HTTP)
+        return JSONResponse({"state": "stopping"}, status_code=202)
+
+    async def frames(ws: WebSocket) -> None:
+        await ws.accept()
+        client = hub.connect()
+        try:
+            await ws.send_text(json.dumps({"client": client.id}))  # finds itself in /status
+            await _pump(ws, client)
+        finally:
+            hub.disconnect(client)
+
+    return Starlette(
+        routes=[
+            Route("/", index),
+            Route("/status", status),
+            Route("/prompt", prompt, methods=["POST"]),
+            Route("/pause", pause, methods=["POST"]),
+            Route("/start", start, methods=["POST"]),
+            Route("/stop", stop, methods=["POST"]),
+            WebSocketRoute("/frames", frames),
+        ]
+    )
+
+
+async def _pump(ws: WebSocket, client: Client) -> None:
+    """Send the client's frames within its window until it goes away (see hub.Client)."""
+
+    async def send() -> None:
+        while True:
+            await client.wait_for_window()
+            jpeg = await client.queue.get()
+            await ws.send_bytes(jpeg)
+            client.sent += 1
+
+    async def watch() -> None:
+        with contextlib.suppress(WebSocketDisconnect):
+            while True:
+                text = await ws.receive_text()
+                if text.strip().isdigit():
+                    client.ack(int(text))
+
+    tasks = [asyncio.create_task(send()), asyncio.create_task(watch())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class ServerThread:
+    """uvicorn on its own thread and event loop, serving `app` on host:port (0 = any free port)."""
+
+    def __init__(self, app: Starlette, hub: FrameHub, *, host: str, port: int) -> None:
+        self.hub = hub
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))  # bound here: a taken port is a clear error before any model work
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = uvicorn.Config(
+            app, log_level="warning", lifespan="off", ws="websockets-sansio", timeout_graceful_shutdown=2
+        )
+        self.server = uvicorn.Server(config)
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="http-server", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}/"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self._thread.start()
+        deadline = threading.Event()
+        for _ in range(int(timeout_s / 0.02)):
+            if self.server.started or self.error is not None or not self._thread.is_alive():
+                break
+            deadline.wait(0.02)
+        if not self.server.started:
+            raise RuntimeError(f"HTTP server did not start on {self.url}: {self.error}")
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.hub.start(loop)
+        try:
+            loop.run_until_complete(self.server.serve(sockets=[self.sock]))
+        except BaseException as exc:  # noqa: BLE001 - reported by start() / stop()
+            self.error = exc
+            log.error("HTTP server failed: %s", exc)
+        finally:
+            loop.close()
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=10.0)
+        self.hub.close()
+        self.sock.close()

@@ -1,0 +1,153 @@
+"""Frame fan-out from the generation loop to browser clients, with per-client backpressure.
+
+Owns: `FrameHub`. The rank0 loop hands every emitted chunk to `publish` (a sink of
+`runtime.live.LiveStream`), which only enqueues: a bounded queue to one encoder thread that turns
+each frame into JPEG bytes. The encoder offers every JPEG to every client's own bounded queue on
+the server's event loop; a client whose queue is full loses that whole frame (counted for that
+client only). Nothing a client does (reading slowly, reading nothing, vanishing) can block the
+encoder, another client, or generation: the loop's cost is one `put_nowait` per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from streamdit.runtime.metrics import ChunkMetrics
+
+log = logging.getLogger(__name__)
+
+ENCODE_QUEUE_CHUNKS = 4  # chunks waiting for the encoder; beyond that the oldest is dropped
+CLIENT_QUEUE_FRAMES = 48  # frames waiting for a client's window; beyond that it loses frames
+CLIENT_WINDOW_FRAMES = 24  # frames sent to a client and not yet acknowledged by it
+JPEG_QUALITY = 80
+
+
+@dataclass
+class Client:
+    """One WebSocket viewer; its queue and credit live on the server's event loop.
+
+    Flow control is the client's: it acknowledges the frames it received (a text message with
+    its running count), and at most CLIENT_WINDOW_FRAMES go out unacknowledged. Kernel socket
+    buffers alone would let a stalled viewer swallow megabytes of frames that it shows seconds
+    late; with the window its backlog stays in its own bounded queue, where frames are dropped.
+    """
+
+    id: int
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(CLIENT_QUEUE_FRAMES))
+    credit: asyncio.Event = field(default_factory=asyncio.Event)
+    sent: int = 0
+    acked: int = 0
+    dropped: int = 0
+
+    def ack(self, count: int) -> None:
+        if count > self.acked:
+            self.acked = min(count, self.sent)
+            self.credit.set()
+
+    async def wait_for_window(self) -> None:
+        while self.sent - self.acked >= CLIENT_WINDOW_FRAMES:
+            self.credit.clear()
+            await self.credit.wait()
+
+    def offer(self, jpeg: bytes) -> None:
+        """On the event loop: enqueue, or drop this frame for this client only."""
+        try:
+            self.queue.put_nowait(jpeg)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+
+class FrameHub:
+    """Encodes emitted frames once and fans them out to every connected client."""
+
+    def __init__(self, fps: int) -> None:
+        self.fps = fps
+        self._chunks: queue.Queue[np.ndarray | None] = queue.Queue()
+        self._clients: dict[int, Client] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._encode_loop, name="jpeg-encoder", daemon=True)
+        self.frames_encoded = 0
+        self.chunks_dropped = 0  # the encoder fell behind generation (whole chunks, every client)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def close(self) -> None:
+        self._chunks.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    # ---- generation side -------------------------------------------------------------------
+
+    def publish(self, frames: np.ndarray, record: ChunkMetrics) -> None:
+        """The LiveStream sink: never blocks the generation loop."""
+        while self._chunks.qsize() >= ENCODE_QUEUE_CHUNKS:
+            try:
+                self._chunks.get_nowait()
+                self.chunks_dropped += 1
+            except queue.Empty:
+                break
+        self._chunks.put(frames)
+
+    # ---- clients (event loop side) -----------------------------------------------------------
+
+    def connect(self) -> Client:
+        client = Client(id=next(self._ids))
+        with self._lock:
+            self._clients[client.id] = client
+        return client
+
+    def disconnect(self, client: Client) -> None:
+        with self._lock:
+            self._clients.pop(client.id, None)
+
+    def stats(self) -> dict[str, object]:
+        with self._lock:
+            clients = [
+                {"id": c.id, "sent": c.sent, "acked": c.acked, "dropped": c.dropped}
+                for c in self._clients.values()
+            ]
+        return {
+            "clients": clients,
+            "frames_encoded": self.frames_encoded,
+            "encoder_chunks_dropped": self.chunks_dropped,
+        }
+
+    # ---- encoder thread ---------------------------------------------------------------------
+
+    def _encode_loop(self) -> None:
+        while (frames := self._chunks.get()) is not None:
+            for frame in frames:
+                jpeg = encode_jpeg(frame)
+                self.frames_encoded += 1
+                self._fan_out(jpeg)
+
+    def _fan_out(self, jpeg: bytes) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with self._lock:
+            clients = list(self._clients.values())
+        for client in clients:
+            try:
+                loop.call_soon_threadsafe(client.offer, jpeg)
+            except RuntimeError:  # the loop closed under us (server stopping)
+                return
+
+
+def encode_jpeg(frame: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    return buf.getvalue()
