@@ -20,10 +20,29 @@ from pathlib import Path
 
 import numpy as np
 
-BOUND_S = 30.0  # every rank must be gone this long after start (short PG timeouts below)
 # `streamdit matrix --backend nccl` runs the same rows on GPUs (one per rank)
 BACKEND = os.environ.get("STREAMDIT_MATRIX_BACKEND", "gloo")
+# Every rank must be gone this long after its start (short PG timeouts below). On GPUs, CUDA and
+# NCCL start-up alone take 12-28 s per rank (2xH200), and up to 33 s when 3 ranks compile on one
+# GPU as emulated hosts (C-03/pp): the bound counts from process start, so it is start-up + 15 s.
+BOUND_S = 45.0 if BACKEND == "nccl" else 30.0
 GEOM = ["--height", "32", "--width", "48", *(["--device", "cuda"] if BACKEND == "nccl" else [])]
+# `--emulate-hosts`: each rank its own host with one GPU (GPU 0), NCCL over loopback sockets
+EMULATE_HOSTS = os.environ.get("STREAMDIT_MATRIX_EMULATE_HOSTS", "0") == "1"
+# `streamdit matrix --logs DIR`: every rank's log is kept there (the evidence of a failing row)
+LOG_DIR = os.environ.get("STREAMDIT_MATRIX_LOG_DIR")
+
+
+def host_env(rank: int) -> dict[str, str]:
+    """LOCAL_RANK and, when hosts are emulated, the NCCL settings that make `rank` its own host."""
+    if not EMULATE_HOSTS:
+        return {"LOCAL_RANK": str(rank)}
+    return {
+        "LOCAL_RANK": "0",
+        "NCCL_HOSTID": f"streamdit-emulated-host-{rank}",
+        "NCCL_SOCKET_IFNAME": "lo",
+        "NCCL_IB_DISABLE": "1",
+    }
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -98,7 +117,7 @@ def start_ranks(
         rank_env = env(
             RANK=str(rank),
             WORLD_SIZE=str(world),
-            LOCAL_RANK=str(rank),
+            **host_env(rank),
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port),
             OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)),  # as torchrun / the launcher
@@ -153,7 +172,21 @@ def collect(procs: list[subprocess.Popen], t0: float, bound_s: float = BOUND_S +
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+    keep_logs(outcomes)
     return outcomes
+
+
+def keep_logs(outcomes: list[Outcome]) -> None:
+    """Under `streamdit matrix --logs`: each rank's log as `<test>-<n>-rank<R>.log`."""
+    if not LOG_DIR:
+        return
+    test = os.environ.get("PYTEST_CURRENT_TEST", "ranks").split(" ")[0].split("::")[-1]
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in test)
+    n = len(list(Path(LOG_DIR).glob(f"{name}-*-rank0.log")))  # a test may start several jobs
+    for o in outcomes:
+        Path(LOG_DIR, f"{name}-{n}-rank{o.rank}.log").write_text(
+            f"exit {o.code} after {o.seconds:.1f} s\n{o.log}"
+        )
 
 
 def spawn_ranks(flags: list[list[str]], hooks: dict[str, str] | None = None, **kw: object) -> list[Outcome]:

@@ -23,8 +23,11 @@ from streamdit.config import (
     DEFAULT_V2V_STEP_LIST,
     RECOMPUTE,
     TOPOLOGIES,
+    WARMUP,
     LaunchEnv,
     RunConfig,
+    apply_environment,
+    cuda_loading_defaults,
     is_tty_allowed,
     read_test_hooks,
     step_list_for,
@@ -54,6 +57,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES), help="process layout")
     p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp, pp)")
     p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
+    p.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=d.startup_timeout_s,
+        help="bounds the wait for peers' startup work, e.g. the compile warm-up (s)",
+    )
     p.add_argument(
         "--watchdog-window",
         type=float,
@@ -115,6 +124,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         help="KV recompute: off (R1) | r0a (rank0 anchor) | r0 (generator-side latent anchor)",
     )
     p.add_argument("--no-kv-recompute", action="store_true", help="same as --recompute off")
+    p.add_argument(
+        "--warmup",
+        default=d.warmup,
+        choices=list(WARMUP),
+        help="eager generator warm-up at startup (auto: tp / pp on CUDA; compile always warms up)",
+    )
     p.add_argument("--queue-depth", type=int, default=d.queue_depth, help="pp: envelopes in flight (D)")
     p.add_argument("--local-attn-frames", type=int, default=d.local_attn_frames, help="KV window in frames")
     p.add_argument("--sink-frames", type=int, default=d.sink_frames, help="never-evicted first frames")
@@ -137,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--json", type=Path, default=None, help="write the results as JSON")
     matrix.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: ranks on GPUs")
     matrix.add_argument("--row-timeout", type=float, default=20.0, help="seconds per row")
+    matrix.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="keep every row's pytest output and each rank's log under DIR/<row>/",
+    )
+    matrix.add_argument(
+        "--emulate-hosts",
+        action="store_true",
+        help="nccl: every rank its own emulated host on GPU 0 (NCCL over loopback sockets): "
+        "real NCCL communicators on a machine with fewer GPUs than ranks",
+    )
     serve = sub.add_parser("serve", help="live generation in a browser, steered while it runs")
     _add_run_flags(serve)
     serve.set_defaults(out=None)  # serve records a video only when --out is given
@@ -155,14 +182,25 @@ def _matrix(args: argparse.Namespace) -> int:
     from streamdit.matrix import run_matrix
 
     gpus = torch.cuda.device_count() if args.backend == "nccl" else 0
-    if args.backend == "nccl" and gpus < 2:
+    need = 1 if args.emulate_hosts else 2
+    if args.backend == "nccl" and gpus < need:
         print(
-            f"streamdit: error: --backend nccl needs >= 2 GPUs, found {gpus} [field=backend]", file=sys.stderr
+            f"streamdit: error: --backend nccl needs >= {need} GPUs, found {gpus} [field=backend]",
+            file=sys.stderr,
         )
+        return EXIT_BAD_INPUT
+    if args.emulate_hosts and args.backend != "nccl":
+        print("streamdit: error: --emulate-hosts needs --backend nccl [field=emulate_hosts]", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
         return run_matrix(
-            only=args.only, backend=args.backend, json_path=args.json, timeout_s=args.row_timeout, gpus=gpus
+            only=args.only,
+            backend=args.backend,
+            json_path=args.json,
+            timeout_s=args.row_timeout,
+            gpus=gpus,
+            emulate_hosts=args.emulate_hosts,
+            logs=args.logs,
         )
     except ConfigError as exc:
         print(f"streamdit: error: {exc}", file=sys.stderr)
@@ -192,6 +230,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         topology=args.topology,
         nproc=args.nproc,
         dist_timeout_s=args.dist_timeout,
+        startup_timeout_s=args.startup_timeout,
         watchdog_window_s=args.watchdog_window,
         input_digest_every=args.input_digest_every,
         output_digest_every=args.output_digest_every,
@@ -217,6 +256,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
         graph_break_budget=args.graph_break_budget,
+        warmup=args.warmup,
         recompute="off" if args.no_kv_recompute else args.recompute,
         queue_depth=args.queue_depth,
         local_attn_frames=args.local_attn_frames,
@@ -261,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_drain_handlers(stop)
     try:
         cfg = config_from_args(args)
+        apply_environment(cuda_loading_defaults(cfg.topology))  # before anything starts CUDA
         if cfg.topology == "pp" and not launch.launched and cfg.nproc < 2:
             raise ConfigError(
                 f"--topology pp needs --nproc >= 2 (rank0 + a mesh), got {cfg.nproc} [field=nproc]"

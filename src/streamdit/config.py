@@ -28,6 +28,7 @@ TOPOLOGIES = ("single", "tp", "pp")
 RECOMPUTE = ("off", "r0a", "r0")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+WARMUP = ("auto", "on", "off")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
 
 
@@ -49,6 +50,9 @@ class RunConfig:
     """Local ranks `streamdit run` starts itself (through torch's elastic launcher) for tp."""
     dist_timeout_s: float = 30.0
     """Process-group timeout: bounds every blocking collective (bring-up and per chunk)."""
+    startup_timeout_s: float = 900.0
+    """Bounds the wait for peers' long startup work (the compile warm-up of a large preset: under
+    pp, rank0 waits for the whole mesh warm-up); the compile-health gather runs under it."""
     watchdog_window_s: float = 10.0
     """tp / pp: a peer silent this long on the heartbeat store ends the job (orphan exit 4 on
     workers, 6 on rank0)."""
@@ -100,6 +104,10 @@ class RunConfig:
     """inductor mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs."""
     graph_break_budget: int = 2
     """Graph breaks allowed per generator call once warmed up (C-02); more fails at startup."""
+    warmup: str = "auto"
+    """Eager generator warm-up at startup (compile always warms up): on | off | auto (on for tp
+    and pp on CUDA). It runs the first-use work of the device (library handles, kernels, the TP
+    communicator) under --startup-timeout, so chunk 0 is bounded by --dist-timeout like any."""
     recompute: str = "r0a"
     """KV recompute before each chunk after the first (protocol.md §7): off (R1, keep the last
     call's K/V), r0a (rank0 supplies the anchor from its decode: exact, but under pp the next
@@ -140,11 +148,13 @@ class RunConfig:
             "compile_mode",
             f"{self.compile_mode!r} needs compile_backend inductor, got {self.compile_backend!r}",
         )
+        _check(self.warmup in WARMUP, "warmup", f"{self.warmup!r} is not one of {WARMUP}")
         _check(
             self.graph_break_budget >= 0, "graph_break_budget", f"must be >= 0, got {self.graph_break_budget}"
         )
         _check(self.topology in TOPOLOGIES, "topology", f"{self.topology!r} is not one of {TOPOLOGIES}")
         _check(self.nproc >= 1, "nproc", f"must be >= 1, got {self.nproc}")
+        _check(self.startup_timeout_s > 0, "startup_timeout_s", f"must be > 0, got {self.startup_timeout_s}")
         _check(self.dist_timeout_s > 0, "dist_timeout_s", f"must be > 0, got {self.dist_timeout_s}")
         _check(self.watchdog_window_s > 0, "watchdog_window_s", f"must be > 0, got {self.watchdog_window_s}")
         _check(self.input_digest_every >= 0, "input_digest_every", "must be >= 0")
@@ -207,6 +217,12 @@ class RunConfig:
                 f"{key} lacks the {TEST_HOOK_PREFIX} prefix",
             )
 
+    def eager_warmup(self, device_type: str) -> bool:
+        """Whether an eager generator rank warms up at startup (see `warmup`)."""
+        if self.warmup == "auto":
+            return self.topology != "single" and device_type == "cuda"
+        return self.warmup == "on"
+
     @property
     def kv_recompute(self) -> bool:
         return self.recompute != "off"
@@ -225,6 +241,7 @@ class RunConfig:
         items = {
             "topology": self.topology,
             "dist_timeout_s": repr(self.dist_timeout_s),
+            "startup_timeout_s": repr(self.startup_timeout_s),
             "input_digest_every": str(self.input_digest_every),
             "output_digest_every": str(self.output_digest_every),
             "watchdog_window_s": str(self.watchdog_window_s),
@@ -242,6 +259,7 @@ class RunConfig:
             "compile_backend": self.compile_backend,
             "compile_mode": self.compile_mode,
             "graph_break_budget": str(self.graph_break_budget),
+            "warmup": self.warmup,
             "recompute": self.recompute,
             "queue_depth": str(self.queue_depth),
             "local_attn_frames": str(self.local_attn_frames),
@@ -305,14 +323,34 @@ def nccl_environment_defaults() -> dict[str, str]:
     """NCCL / PyTorch settings every streamdit process runs with.
 
     NVLink multicast (NVLS) stays off: on shared hosts it can take GPUs out of service. Async
-    error handling turns a failed NCCL collective into an exception instead of a hang.
+    error handling turns a failed NCCL collective into an exception instead of a hang. After a
+    collective times out, PyTorch's NCCL watchdog waits for a debug dump before it takes the
+    process down: 60 s by default (measured on torch 2.11: timeout + 60 s), 1 s here (measured:
+    timeout + 3.5 s), so `--dist-timeout` is the bound an operator sees.
     """
     return {
         "NCCL_NVLS_ENABLE": "0",
         "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
         "NVSHMEM_DISABLE_NVLS": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+        "TORCH_NCCL_WAIT_TIMEOUT_DUMP_MILSEC": "1000",
     }
+
+
+def cuda_loading_defaults(topology: str) -> dict[str, str]:
+    """CUDA_MODULE_LOADING=EAGER under pp, unless the user set it (applied before CUDA starts).
+
+    pp's rank0 keeps NCCL kernels pending on its comm threads' streams (the recv of the next
+    result, an envelope the leader has not taken yet) while its main thread runs Stage 0. With
+    lazy loading, the first launch of a kernel whose module is not loaded yet loads it under
+    the CUDA context lock and waits for the device's running kernels, the pending NCCL ones
+    included; those wait for a send the comm thread cannot launch past that lock: a hang until
+    the NCCL timeout (seen on NCCL with 2 ranks). Eager loading does all module loads at CUDA
+    start-up, before any NCCL kernel exists. tp and single run one thread per rank: no cycle.
+    """
+    if topology != "pp" or "CUDA_MODULE_LOADING" in os.environ:
+        return {}
+    return {"CUDA_MODULE_LOADING": "EAGER"}
 
 
 def cpu_thread_defaults(nproc: int) -> dict[str, str]:

@@ -9,6 +9,10 @@ number of GPUs, a feature not built yet) is a `skip` with the reason, never a pa
 The tests live in the source checkout (`tests/`): the break-it tests and this command are one
 source of truth. `--backend nccl` runs the rows that launch real ranks with `--device cuda`
 (one GPU per rank); rows built on the in-process gloo harness are skipped there, with why.
+`--emulate-hosts` runs those rows on a machine with fewer GPUs than ranks: every rank is its own
+emulated host (LOCAL_RANK 0, its own NCCL host id) on GPU 0, so NCCL builds real communicators
+over loopback sockets (no NVLink, no shared memory): the protocol, stream and thread behaviour
+of the NCCL path, not its speed.
 """
 
 from __future__ import annotations
@@ -241,12 +245,21 @@ def repo_root() -> Path:
     return root
 
 
-def run_row(row: Row, *, backend: str, gpus: int, timeout_s: float, root: Path) -> RowResult:
+def run_row(
+    row: Row,
+    *,
+    backend: str,
+    gpus: int,
+    timeout_s: float,
+    root: Path,
+    emulate_hosts: bool = False,
+    logs: Path | None = None,
+) -> RowResult:
     if row.unavailable:
         return RowResult(row.id, "skip", 0.0, row.unavailable)
     if backend == "nccl" and not row.nccl:
         return RowResult(row.id, "skip", 0.0, "built on the in-process gloo harness: CPU/gloo only")
-    if backend == "nccl" and gpus < row.ranks:
+    if backend == "nccl" and gpus < row.ranks and not emulate_hosts:
         return RowResult(row.id, "skip", 0.0, f"needs {row.ranks} GPUs, this machine has {gpus}")
     cmd = [
         sys.executable,
@@ -259,11 +272,16 @@ def run_row(row: Row, *, backend: str, gpus: int, timeout_s: float, root: Path) 
         str(int(timeout_s)),
         *row.tests,
     ]
+    extra = {"STREAMDIT_MATRIX_BACKEND": backend, "STREAMDIT_MATRIX_EMULATE_HOSTS": str(int(emulate_hosts))}
+    row_logs = logs / row.id.replace("/", "_") if logs is not None else None
+    if row_logs is not None:  # every rank's log of every test of the row lands here (tests/ranks.py)
+        row_logs.mkdir(parents=True, exist_ok=True)
+        extra["STREAMDIT_MATRIX_LOG_DIR"] = str(row_logs)
     t0 = time.monotonic()
     proc = subprocess.Popen(
         cmd,
         cwd=root,
-        env=child_environment({"STREAMDIT_MATRIX_BACKEND": backend}),
+        env=child_environment(extra),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -273,7 +291,8 @@ def run_row(row: Row, *, backend: str, gpus: int, timeout_s: float, root: Path) 
         out, _ = proc.communicate(timeout=timeout_s + 15)  # + interpreter and torch start-up
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+        out = proc.communicate()[0]
+        _keep(row_logs, out + f"\n<killed by streamdit matrix at the row bound {timeout_s + 15:.0f} s>")
         return RowResult(
             row.id, "fail", time.monotonic() - t0, f"no result within {timeout_s + 15:.0f} s (hang)"
         )
@@ -281,12 +300,20 @@ def run_row(row: Row, *, backend: str, gpus: int, timeout_s: float, root: Path) 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     seconds = time.monotonic() - t0
+    _keep(row_logs, out)
     summary = _summary(out)
     if proc.returncode == 0 and " passed" in summary:
         return RowResult(row.id, "pass", seconds, summary)
     if proc.returncode == 0:
         return RowResult(row.id, "skip", seconds, summary)
-    return RowResult(row.id, "fail", seconds, _first_error(out) or summary)
+    where = f" (logs: {row_logs})" if row_logs is not None else ""
+    return RowResult(row.id, "fail", seconds, (_first_error(out) or summary) + where)
+
+
+def _keep(row_logs: Path | None, out: str) -> None:
+    """The row's pytest output beside its ranks' logs (`--logs`)."""
+    if row_logs is not None:
+        (row_logs / "pytest.log").write_text(out)
 
 
 def _summary(out: str) -> str:
@@ -305,12 +332,29 @@ def _first_error(out: str) -> str:
     return ""
 
 
-def run_matrix(*, only: str | None, backend: str, json_path: Path | None, timeout_s: float, gpus: int) -> int:
+def run_matrix(
+    *,
+    only: str | None,
+    backend: str,
+    json_path: Path | None,
+    timeout_s: float,
+    gpus: int,
+    emulate_hosts: bool = False,
+    logs: Path | None = None,
+) -> int:
     rows, root = select(only), repo_root()
     results: list[RowResult] = []
     print(f"{'row':<11} {'status':<6} {'s':>6}  detail", flush=True)
     for row in rows:
-        result = run_row(row, backend=backend, gpus=gpus, timeout_s=timeout_s, root=root)
+        result = run_row(
+            row,
+            backend=backend,
+            gpus=gpus,
+            timeout_s=timeout_s,
+            root=root,
+            emulate_hosts=emulate_hosts,
+            logs=logs,
+        )
         results.append(result)
         print(
             f"{result.id:<11} {result.status:<6} {result.seconds:>6.1f}  {row.title}: {result.detail}",

@@ -9,6 +9,9 @@
   the budget and dynamo's reason, before chunk 0.
 - C-03: a graph break on one rank only: the post-warm-up counter gather differs, every rank
   fails naming that rank (under pp too, where rank0 runs no generator but joins the gather).
+- Startup bound: pp's rank0 waits out a mesh startup 3× longer than --dist-timeout, compiled
+  or eager (its first wait runs on the `startup` group); capped by --startup-timeout, the same
+  wait fails fast, named.
 """
 
 from __future__ import annotations
@@ -76,7 +79,9 @@ def test_default_inductor_backend_compiles_the_tiny_preset(tmp_path: Path) -> No
 
 def test_c02_graph_break_around_every_collective_fails_the_budget(tmp_path: Path) -> None:
     outcomes = spawn_ranks([AOT, AOT], {"STREAMDIT_TEST_DISABLED_COLLECTIVES": "1"}, out_dir=tmp_path)
-    all_failed_fast(outcomes, "CompileHealthError", "graph breaks per generator call > budget 2", "disable()`d")
+    all_failed_fast(
+        outcomes, "CompileHealthError", "graph breaks per generator call > budget 2", "disable()`d"
+    )
     for o in outcomes:
         assert o.code == 1, o.log[-3000:]
         # tiny: 2 blocks x 5 all-reduces, each hidden from dynamo: at least one break apiece
@@ -98,3 +103,28 @@ def test_c03_under_pp_rank0_learns_the_mesh_verdict(tmp_path: Path) -> None:
         [AOT, AOT, AOT], {"STREAMDIT_TEST_GRAPH_BREAK_RANK": "2"}, topology="pp", out_dir=tmp_path
     )
     all_failed_fast(outcomes, "CompileHealthError", "(ranks [2] vs rank 1)")
+
+
+@pytest.mark.parametrize(
+    ("extra", "error", "gather"),
+    [(AOT, "CompileHealthError", "compile-health gather"), ([], "PeerLost", "startup rendezvous")],
+    ids=["compiled", "eager"],
+)
+def test_pp_rank0_waits_out_a_mesh_startup_longer_than_dist_timeout(
+    tmp_path: Path, extra: list[str], error: str, gather: str
+) -> None:
+    """The mesh spends 3× --dist-timeout more on startup (as a large preset's load or compile
+    does): rank0's first wait is on the `startup` group (the compile verdict, or the startup
+    rendezvous before the first transfer), so the job still succeeds; capping --startup-timeout
+    below that delay turns the same wait into a fast, named failure on both ranks."""
+    hooks = {"STREAMDIT_TEST_MESH_STARTUP_MS": "6000"}
+    flags = [*extra, "--dist-timeout", "2"]
+    ok = spawn_ranks([flags, flags], hooks, topology="pp", out_dir=tmp_path / "ok")
+    for o in ok:
+        assert o.code == 0, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
+    capped = [*flags, "--startup-timeout", "3"]
+    failed = spawn_ranks([capped, capped], hooks, topology="pp", out_dir=tmp_path / "capped")
+    all_failed_fast(failed, error, f"{gather} on group 'startup'", "--startup-timeout 3 s")
+    waited = re.search(r"failed on rank 0 after ([\d.]+) s", failed[0].log)
+    assert waited is not None, failed[0].log[-3000:]
+    assert 2.5 <= float(waited.group(1)) < 6.0  # rank0 gave up at the startup bound, not before

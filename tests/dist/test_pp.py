@@ -44,11 +44,16 @@ def single_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.
     return single_reference(tmp_path_factory.mktemp("single"))
 
 
-@pytest.mark.parametrize("nproc", [2, 3], ids=["pp0", "pp1-tp2"])
-def test_pp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> None:
+@pytest.mark.parametrize(
+    ("nproc", "warmup"), [(2, "auto"), (3, "auto"), (3, "on")], ids=["pp0", "pp1-tp2", "pp1-tp2-warmup"]
+)
+def test_pp_matches_single_process(tmp_path: Path, single_run, nproc: int, warmup: str) -> None:
+    """`--warmup on`: the mesh's startup warm-up (what CUDA runs by default) leaves no state in
+    the stream: the output is the same."""
     (tmp_path / "tl.json").write_text(TIMELINE)
     out, metrics = tmp_path / "v.npy", tmp_path / "m.jsonl"
     args = ["--topology", "pp", "--nproc", str(nproc), *GEOM, "--chunks", "6", "--recompute", "r0a"]
+    args += ["--warmup", warmup]
     args += ["--timeline", str(tmp_path / "tl.json"), "--out", str(out), "--metrics", str(metrics)]
     proc = run_cli(args + ["--dist-timeout", "20"], hooks={"STREAMDIT_TEST_DUMP_LATENTS": str(tmp_path / "lat")}, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -79,6 +84,31 @@ def test_recompute_r0_builds_the_same_anchor_in_every_topology(tmp_path: Path) -
     assert len(runs["single"]) == len(runs["pp"]) == 5
     for k, (a, b) in enumerate(zip(runs["pp"], runs["single"], strict=True)):
         assert np.abs(a - b).max() <= 1e-4, f"chunk {k}: max abs diff {np.abs(a - b).max()}"
+
+
+@pytest.mark.parametrize("warmup", ["on", "off"])
+def test_first_use_cost_of_the_mesh_is_paid_in_the_startup_warmup(tmp_path: Path, warmup: str) -> None:
+    """A GPU's first-use work (here: 6 s more on each mesh rank's first generator call, 3x
+    --dist-timeout; seen on NCCL as a 10.5 s first chunk) belongs to startup. With the warm-up
+    the mesh pays it before the startup rendezvous, under --startup-timeout, and the stream
+    runs; without it rank0's wait for result 0 runs past --dist-timeout: a fast, named failure."""
+    # a short watchdog window: rank0 classifies its transport error (peer lost or not) sooner
+    flags = ["--dist-timeout", "2", "--watchdog-window", "4", "--warmup", warmup, "--log-level", "INFO"]
+    hooks = {"STREAMDIT_TEST_FIRST_CALL_MS": "6000"}
+    rank0, leader, peer = spawn_ranks([flags] * 3, hooks, topology="pp", out_dir=tmp_path)
+    if warmup == "on":
+        for o in (rank0, leader, peer):
+            assert o.code == 0, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
+        for o in (leader, peer):  # the mesh warmed up; rank0 (no generator) did not
+            assert "generator warm-up: " in o.log, o.log[-3000:]
+        assert "generator warm-up" not in rank0.log
+        assert np.load(tmp_path / "v.npy").shape[0] == 9 + 12 + 12
+        return
+    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert "TransportError: receiving header failed" in rank0.log, rank0.log[-3000:]
+    assert "[field=header, group=link]" in rank0.log  # the wait for result 0
+    assert "generator warm-up" not in leader.log
+    assert all(o.seconds < BOUND_S for o in (leader, peer))
 
 
 def test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly(tmp_path: Path) -> None:

@@ -27,11 +27,13 @@ from streamdit.protocol.errors import (
     MonotonicityError,
     OwnershipError,
     PlanMismatchError,
+    TransportError,
 )
 from streamdit.protocol.framing import HEADER_BYTES, pack_control
 from streamdit.protocol.header import Action, Header, Ids, Kind
 from streamdit.protocol.messages import PPResultV1, TPEnvelopeV1
 from streamdit.runtime.flight import FlightRecorder
+from streamdit.runtime.liveness import transport_like
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -312,3 +314,11 @@ def test_poison_exit_writes_the_flight_record_then_exits(tmp_path: Path) -> None
     assert codes == [EXIT_POISONED]
     events = json.loads((tmp_path / "f.json").read_text())["events"]
     assert [e["name"] for e in events][-1] == "poisoned" and events[-1]["call_id"] == 5
+
+
+def test_errors_a_dead_peer_causes_are_judged_by_the_watchdog() -> None:
+    """An aborted NCCL receive returns a buffer of leftovers: its bad magic may mean a dead peer."""
+    assert transport_like(TransportError("recv failed", field="header"))
+    assert transport_like(HeaderError("bad magic 0x400c40c1bf0bea05", field="magic"))
+    assert not transport_like(HeaderError("unknown protocol version 9", field="protocol_version"))
+    assert not transport_like(PlanMismatchError("calls off by one", field="expected_generator_calls"))

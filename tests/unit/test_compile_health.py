@@ -8,11 +8,18 @@ import pytest
 import torch
 
 from streamdit.config import RunConfig
-from streamdit.errors import CompileHealthError
+from streamdit.errors import CompileHealthError, ConfigError
 from streamdit.model.presets import get_dit_config
 from streamdit.runtime.build import build_generator, validate_run
-from streamdit.runtime.compile_health import CompileCounters, compile_gate, judge, warmup_chunks
+from streamdit.runtime.compile_health import (
+    CompileCounters,
+    compile_gate,
+    eager_warmup,
+    judge,
+    warmup_chunks,
+)
 from streamdit.runtime.faults import FaultPlan
+from streamdit.runtime.plan import ChunkIds
 
 OK = CompileCounters(
     generator=1,
@@ -89,3 +96,24 @@ def test_the_probe_measures_a_clean_compile_and_a_broken_one() -> None:
     cfg, run, runner = _runner(0, {"STREAMDIT_TEST_GRAPH_BREAK_RANK": "0"})
     with pytest.raises(CompileHealthError, match="graph_break"):
         compile_gate(runner, cfg, run.dit, None, allowed="world")
+
+
+def test_eager_warmup_runs_where_the_setting_says_and_leaves_the_stream_unchanged() -> None:
+    assert RunConfig(topology="tp").eager_warmup("cuda") and RunConfig(topology="pp").eager_warmup("cuda")
+    assert not RunConfig(topology="tp").eager_warmup("cpu")  # auto: distributed CUDA only
+    assert not RunConfig().eager_warmup("cuda")  # single has no peer to time out on
+    assert RunConfig(warmup="on").eager_warmup("cpu")
+    assert not RunConfig(topology="pp", warmup="off").eager_warmup("cuda")
+    with pytest.raises(ConfigError, match=r"field=warmup"):
+        RunConfig(warmup="sometimes")
+    cfg = RunConfig(height=32, width=48, warmup="on")
+    assert "warmup" in cfg.parity_items()  # it decides whether collectives run at startup
+    run = validate_run(cfg)
+    warmed, fresh = build_generator(run), build_generator(run)
+    ran = eager_warmup(warmed, cfg, run.dit)
+    assert ran == len(warmup_chunks(cfg, run.dit, warmed.device, warmed.dtype))
+    assert warmed.calls_made > 0
+    assert eager_warmup(fresh, RunConfig(height=32, width=48, warmup="off"), run.dit) == 0
+    for k, inputs in enumerate(warmup_chunks(cfg, run.dit, fresh.device, fresh.dtype)[:3]):
+        ids = ChunkIds(call_id=100 + k, chunk_index=k, cache_epoch=1)
+        assert torch.equal(warmed.run(inputs, ids), fresh.run(inputs, ids))  # chunk 0 resets all

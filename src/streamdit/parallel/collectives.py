@@ -5,17 +5,20 @@ before the backend is called, so the mistake is a local exception, not a cross-r
 `all_reduce_sum` (a functional collective: returns a new tensor and traces under torch.compile;
 checked to work eagerly on gloo/CPU with torch 2.13, so no gloo fallback is needed),
 `all_gather_int64` and `all_gather_bytes` (fixed-size tensors, no pickle: used by the parity
-handshake and the drift digests). No module-level groups: the handle is always an argument.
+handshake and the drift digests), `gather_at_startup` (a gather that waits on peers' startup
+work and names a peer that never came). No module-level groups: the handle is always an argument.
 Imports torch, streamdit.errors and streamdit.parallel only.
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-from streamdit.errors import GroupError
+from streamdit.errors import GroupError, StreamditError
 from streamdit.parallel.groups import GroupHandle
 
 MAX_GATHER_BYTES = 1 << 16
@@ -80,6 +83,30 @@ def all_gather_int64(values: list[int], handle: GroupHandle, *, allowed: str) ->
     out = [torch.empty_like(mine) for _ in range(handle.size)]
     dist.all_gather(out, mine, group=handle.pg)
     return [t.tolist() for t in out]
+
+
+def gather_at_startup(
+    values: list[int],
+    handle: GroupHandle,
+    *,
+    allowed: str,
+    what: str,
+    bound_s: float,
+    error: type[StreamditError],
+) -> list[list[int]]:
+    """`all_gather_int64` at a startup rendezvous: a peer that never arrives (its startup ran
+    past `bound_s`, the group's timeout) or died raises `error` naming the gather, the group,
+    this rank and the bound, instead of a bare backend error."""
+    t0 = time.perf_counter()
+    try:
+        return all_gather_int64(values, handle, allowed=allowed)
+    except RuntimeError as exc:  # gloo / NCCL timeouts and closed connections
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise error(
+            f"{what} on group {handle.name!r} failed on rank {handle.rank} after "
+            f"{time.perf_counter() - t0:.1f} s (a peer's startup exceeded --startup-timeout "
+            f"{bound_s:g} s, or it died): {first}"
+        ) from exc
 
 
 def all_gather_bytes(

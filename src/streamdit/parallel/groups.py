@@ -2,8 +2,9 @@
 
 Owns: `GroupHandle` (a process group plus the name callers must use for it), `Groups` (the
 handles of one job: `world` for control traffic and the startup handshake, `tp` for every
-collective of Phase B), `init_groups` and `destroy_groups`. gloo on CPU, NCCL on CUDA; the
-timeout is short and explicit, so a lost peer surfaces as an error, not a hang.
+collective of Phase B, `startup` for waits on peers' long startup work), `init_groups` and
+`destroy_groups`. gloo on CPU, NCCL on CUDA; the timeout is short and explicit, so a lost peer
+surfaces as an error, not a hang; only `startup` has the longer startup bound.
 Imports torch, streamdit.config and streamdit.errors only.
 """
 
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, slots=True)
 class GroupHandle:
     pg: dist.ProcessGroup
-    name: str  # "world" | "tp" | "mesh": what collective wrappers check callers against
+    name: str  # "world" | "tp" | "mesh" | "link" | "startup": what collective wrappers check callers against
     rank: int  # rank within the group
     size: int
     device: torch.device  # where this rank's collective buffers live (cpu for gloo)
@@ -39,6 +40,9 @@ class Groups:
     device: torch.device
     global_rank: int
     world_size: int
+    # every rank, under the longer startup timeout: for waits on peers' long startup work (the
+    # compile warm-up; pp's rank0 waits for the whole mesh's warm-up)
+    startup: GroupHandle
     mesh: GroupHandle | None = None  # pp: ranks 1..N-1 (None on rank0, which is never in it)
     link: GroupHandle | None = None  # pp: ranks {0, 1}, results leader -> rank0
 
@@ -51,7 +55,14 @@ class Groups:
         return handle
 
 
-def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float, topology: str = "tp") -> Groups:
+def init_groups(
+    launch: LaunchEnv,
+    *,
+    device: torch.device,
+    timeout_s: float,
+    topology: str = "tp",
+    startup_timeout_s: float | None = None,
+) -> Groups:
     """Join the job's process group and create the Phase B group(s).
 
     `tp`: a TP group of all ranks. `pp`: `mesh` = ranks 1..N-1 (rank0 is asserted out of it)
@@ -62,7 +73,9 @@ def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float, to
     `cuda:LOCAL_RANK` and is made current BEFORE the process group exists (NCCL binds its
     communicator to the current device). The NCCL environment defaults (NVLS off, async error
     handling on) are applied through `config.apply_environment`, the one writer of os.environ.
-    Every collective of either group gives up after `timeout_s`.
+    Every collective gives up after `timeout_s`, except on `startup` (every rank), which waits
+    up to max(`startup_timeout_s`, `timeout_s`): it is created whatever the config says, since a
+    config-dependent `new_group` would hang on a mismatch the parity handshake has yet to report.
     """
     backend = "nccl" if device.type == "cuda" else "gloo"
     if not 0 <= launch.rank < launch.world_size:
@@ -91,15 +104,21 @@ def init_groups(launch: LaunchEnv, *, device: torch.device, timeout_s: float, to
     log.info(
         "groups: rank %d/%d backend=%s timeout=%.0fs", launch.rank, launch.world_size, backend, timeout_s
     )
+    everyone = list(range(launch.world_size))
+    long = timedelta(seconds=max(startup_timeout_s or 0.0, timeout_s))
+    startup = _subgroup("startup", everyone, launch.rank, long, backend, device)
+    assert startup is not None
     if topology == "pp":
         mesh = _subgroup("mesh", list(range(1, launch.world_size)), launch.rank, timeout, backend, device)
         link = _subgroup("link", [0, 1], launch.rank, timeout, backend, device)
-        return Groups(world, None, backend, device, launch.rank, launch.world_size, mesh=mesh, link=link)
+        return Groups(
+            world, None, backend, device, launch.rank, launch.world_size, startup, mesh=mesh, link=link
+        )
     # A distinct TP group even when it spans the world: wrappers can then tell a TP collective
     # issued on the world group (OM-08) from a correct one.
-    tp = _subgroup("tp", list(range(launch.world_size)), launch.rank, timeout, backend, device)
+    tp = _subgroup("tp", everyone, launch.rank, timeout, backend, device)
     assert tp is not None
-    return Groups(world, tp, backend, device, launch.rank, launch.world_size)
+    return Groups(world, tp, backend, device, launch.rank, launch.world_size, startup)
 
 
 def _subgroup(

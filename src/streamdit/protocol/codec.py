@@ -231,15 +231,38 @@ def check_dtype(spec: TensorSpec, ctx: ErrCtx = _NO_CTX) -> None:
         raise DtypeError(why, field=spec.name, **ctx)
 
 
+# Host <-> CUDA copies on a comm thread go through pinned memory, asynchronously on the thread's
+# stream. A pageable copy blocks inside the driver (D2H: until the copy is done, i.e. until the
+# NCCL recv feeding it completes), and other threads' pageable copies queue behind it; under pp
+# that is rank0's main thread (Stage 0 moving its inputs to the GPU) waiting for a result that
+# needs the envelope it has not yet built: a deadlock until the NCCL timeout.
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a host tensor reaches a CUDA device by a pinned, stream-ordered copy."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device=device)
+    return t.contiguous().pin_memory().to(device=device, non_blocking=True)
+
+
 def bytes_to_tensor(data: bytes, device: torch.device) -> torch.Tensor:
     """Bytes as a uint8 tensor on `device` (the wire form of the control frame and of the meta)."""
     # bytearray: torch.frombuffer wants a writable buffer; the copy is a few KB at most.
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(device)
+    return to_device(torch.frombuffer(bytearray(data), dtype=torch.uint8), device)
 
 
 def tensor_to_bytes(buf: torch.Tensor) -> bytes:
-    """A received uint8 buffer as bytes: one memcpy (no numpy, no per-element Python loop)."""
-    host = buf.detach().cpu().contiguous()
+    """A received uint8 buffer as bytes: one memcpy (no numpy, no per-element Python loop).
+
+    From CUDA: into pinned memory on the current stream, then a wait on that stream alone.
+    """
+    buf = buf.detach().contiguous()
+    if buf.device.type == "cuda":
+        host = torch.empty(buf.shape, dtype=buf.dtype, pin_memory=True)
+        host.copy_(buf, non_blocking=True)
+        torch.cuda.current_stream(buf.device).synchronize()
+    else:
+        host = buf
     nbytes = host.numel() * host.element_size()
     return ctypes.string_at(host.data_ptr(), nbytes) if nbytes else b""
 

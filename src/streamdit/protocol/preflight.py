@@ -28,6 +28,7 @@ from streamdit.protocol.codec import (
     bytes_to_tensor,
     check_specs,
     encode_meta,
+    to_device,
 )
 from streamdit.protocol.errors import EnvelopeError, LimitError
 from streamdit.protocol.framing import PayloadLayout, pack_control, pack_payload, payload_layout
@@ -106,7 +107,7 @@ def prepare(
         kind=msg.KIND, action=msg.action, ids=msg.ids, meta_nbytes=len(meta), n_tensors=len(specs)
     )
     header.check(limits, group)
-    tensors = tuple(t.to(device=device).contiguous() for t in named.values())  # type: ignore[union-attr]  # step 5
+    tensors = tuple(to_device(t, device).contiguous() for t in named.values())  # type: ignore[arg-type]  # step 5
     layout = payload_layout(specs)
     inline = len(meta) <= limits.inline_meta_bytes
     return Prepared(

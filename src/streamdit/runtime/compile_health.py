@@ -11,6 +11,10 @@ Owns:
 - `compile_gate(...)`: called by the topology's startup code (never by a constructor): warm up,
   run one steady probe chunk, gather every rank's `CompileCounters` and judge them with
   `judge`, which every rank evaluates on the same gathered table, so all ranks fail together.
+- `eager_warmup(...)`: the same synthetic chunks through an eager generator (`--warmup`), so a
+  GPU's first-use work (library handles, kernels, the TP communicator) happens at startup,
+  bounded by --startup-timeout, instead of inside chunk 0, bounded by the short --dist-timeout
+  (seen on NCCL: a 2-rank mesh's first chunk took 10.5 s, past a 10 s timeout).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch._dynamo.utils import counters as dynamo_counters
 from streamdit.config import RunConfig
 from streamdit.errors import CompileHealthError
 from streamdit.model.presets import DiTConfig
-from streamdit.parallel.collectives import all_gather_int64
+from streamdit.parallel.collectives import gather_at_startup
 from streamdit.parallel.groups import GroupHandle
 from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, seeded_normal
@@ -242,7 +246,14 @@ def compile_gate(
     warm_s = time.perf_counter() - t0
     rows = [mine]
     if handle is not None:
-        gathered = all_gather_int64(list(astuple(mine)), handle, allowed=allowed)
+        gathered = gather_at_startup(
+            list(astuple(mine)),
+            handle,
+            allowed=allowed,
+            what="compile-health gather",
+            bound_s=cfg.startup_timeout_s,
+            error=CompileHealthError,
+        )
         rows = [
             CompileCounters(**dict(zip([f.name for f in fields(CompileCounters)], row, strict=True)))
             for row in gathered
@@ -257,6 +268,31 @@ def compile_gate(
         log.info("compile warm-up %.1f s: %s", warm_s, mine)
     judge(rows, blocks=blocks, budget=cfg.graph_break_budget, reasons=break_reasons())
     return mine
+
+
+def eager_warmup(
+    runner: GeneratorRunner,
+    cfg: RunConfig,
+    dit: DiTConfig,
+    *,
+    record: Callable[[dict[str, object]], None] | None = None,
+) -> int:
+    """Run the warm-up chunks once through an eager generator when `cfg.eager_warmup` says so
+    (compile warms up in `compile_gate`). Every generator rank decides from parity-checked
+    settings, so all of them run the same calls and collectives. Returns the chunks run."""
+    if cfg.compile or not cfg.eager_warmup(runner.device.type):
+        return 0
+    t0 = time.perf_counter()
+    chunks = warmup_chunks(cfg, dit, runner.device, runner.dtype)
+    for k, inputs in enumerate(chunks):
+        runner.run(inputs, ChunkIds(call_id=k, chunk_index=k, cache_epoch=0))
+    if runner.device.type == "cuda":  # the first-use work is done, not merely queued
+        torch.cuda.current_stream(runner.device).synchronize()
+    warm_s = time.perf_counter() - t0
+    log.info("generator warm-up: %d chunks in %.1f s", len(chunks), warm_s)
+    if record is not None:
+        record({"name": "generator_warmup", "detail": {"chunks": len(chunks), "warmup_s": round(warm_s, 3)}})
+    return len(chunks)
 
 
 def _as_dict(c: CompileCounters) -> dict[str, int]:

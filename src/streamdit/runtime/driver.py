@@ -48,9 +48,14 @@ class RunSummary:
 
 
 def sync(device: torch.device) -> None:
-    """Phase timings must include the device work they launched."""
+    """Phase timings must include the device work they launched: this thread's stream only.
+
+    Never a device-wide sync: under pp, rank0's comm threads keep NCCL transfers pending on
+    their own streams (the next result's recv), and waiting for those would tie Stage 0 to the
+    mesh (no overlap left) while measuring the mesh's time as Stage 0's.
+    """
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
 
 
 class StreamOutputs:

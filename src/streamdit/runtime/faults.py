@@ -60,6 +60,12 @@ class FaultPlan:
     (the reference system's layout): a graph break at every collective, over the budget."""
     graph_break_rank: int | None = None
     """C-03: this rank adds a graph break inside every block (the others do not)."""
+    first_call_ms: int = 0
+    """Every generator rank's first generator call takes this long more (first-use work of a
+    GPU, which the startup warm-up must absorb under --startup-timeout)."""
+    mesh_startup_ms: int = 0
+    """pp's mesh ranks spend this long more on startup before the compile warm-up (the wait
+    rank0 must survive under --startup-timeout though it exceeds --dist-timeout)."""
     dump_latents: Path | None = None
     """Rank0 saves every chunk's generator output here as float32 .npy (equivalence tests)."""
 
@@ -81,6 +87,8 @@ class FaultPlan:
             decode_before_send=bool(_int(cfg, "DECODE_BEFORE_SEND")),
             disabled_collectives=bool(_int(cfg, "DISABLED_COLLECTIVES")),
             graph_break_rank=_int(cfg, "GRAPH_BREAK_RANK"),
+            mesh_startup_ms=_int(cfg, "MESH_STARTUP_MS") or 0,
+            first_call_ms=_int(cfg, "FIRST_CALL_MS") or 0,
             dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
@@ -98,6 +106,10 @@ class FaultPlan:
         ms = self.stage0_ms if stage == 0 else self.stage1_ms
         if ms:
             time.sleep(ms / 1e3)
+
+    def slow_startup(self) -> None:
+        if self.mesh_startup_ms:
+            time.sleep(self.mesh_startup_ms / 1e3)
 
     def effective_backend(self, resolved: str, rank: int) -> str:
         if self.backend_override and self.backend_override[0] == rank:

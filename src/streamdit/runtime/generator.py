@@ -9,6 +9,7 @@ run this same object on other ranks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,9 @@ class GeneratorRunner:
         self.calls_made = 0
         # Test hook: an extra generator call per chunk (proves the plan assertion fires).
         self.extra_calls = 0
+        # Test hook: the first generator call of the process takes this long more (as a GPU's
+        # first-use work does: library handles, kernels, a lazily built communicator).
+        self.first_call_ms = 0
         # The counting backend of the compiled blocks (None when eager): compile_health reads it.
         self.compile_probe: CompileProbe | None = None
 
@@ -176,6 +180,8 @@ class GeneratorRunner:
     def _call(
         self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float
     ) -> torch.Tensor:
+        if self.first_call_ms and self.calls_made == 0:
+            time.sleep(self.first_call_ms / 1e3)
         timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.float32)
         out = self.model(
             x,

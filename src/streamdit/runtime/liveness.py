@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from streamdit.config import LaunchEnv
 from streamdit.errors import EXIT_ORPHANED, EXIT_PEER_LOST, Poisoned, StreamditError
-from streamdit.protocol.errors import ChannelBroken, TransportError
+from streamdit.protocol.errors import ChannelBroken, HeaderError, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,14 @@ def exit_on_verdict(record: Callable[[str], object], guard: threading.Lock) -> V
 
 
 def transport_like(exc: BaseException) -> bool:
-    """Errors a dead or stopped peer causes (as opposed to a fault found by this rank)."""
+    """Errors a dead or stopped peer causes (as opposed to a fault found by this rank).
+
+    A header with a bad magic is one too: when NCCL aborts a receive because the peer exited,
+    the call returns and the buffer holds whatever was there (seen on NCCL: "bad magic" on the
+    leader right after rank0 died). The caller asks the watchdog which it was.
+    """
     if isinstance(exc, TransportError | ChannelBroken | Poisoned):
+        return True
+    if isinstance(exc, HeaderError) and exc.field == "magic":
         return True
     return isinstance(exc, RuntimeError) and not isinstance(exc, StreamditError)

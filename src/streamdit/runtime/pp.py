@@ -24,7 +24,7 @@ from streamdit.protocol.errors import TransportError
 from streamdit.protocol.header import Action, Kind
 from streamdit.protocol.messages import PPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
-from streamdit.runtime.compile_health import compile_gate
+from streamdit.runtime.compile_health import compile_gate, eager_warmup
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
@@ -34,6 +34,7 @@ from streamdit.runtime.pp_mesh import MeshRank
 from streamdit.runtime.pp_stage0 import drive_pipelined, pp_envelope
 from streamdit.runtime.session import RankSession, liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
+from streamdit.runtime.stage0 import rehearse
 from streamdit.runtime.tp import parity_items
 from streamdit.runtime.tripwires import Tripwires
 
@@ -91,9 +92,13 @@ def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> Ru
         "exit_fn": session.flight.exit_after_dump(session.flight_path, exit_fn=_stay),
     }
     stage0, chunks = build_stage0(run, live)
+    if run.device.type == "cuda":  # before any NCCL transfer is pending (see `rehearse`)
+        t0 = time.perf_counter()
+        n = rehearse(stage0, chunks)
+        log.info("stage 0 rehearsed %d chunks in %.1f s", n, time.perf_counter() - t0)
     if live is not None:
         live.liveness = liveness_of(session)
-    compile_gate(None, run.cfg, run.dit, groups.world, allowed="world", record=session.flight)
+    compile_gate(None, run.cfg, run.dit, groups.startup, allowed="startup", record=session.flight)
     link = StageLink(
         P2PChannel(
             groups.world.pg,
@@ -117,6 +122,7 @@ def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> Ru
         timeout_s=run.cfg.dist_timeout_s,
         now=time.perf_counter,
     )
+    session.all_ready()  # the mesh has built its generator: only now does --dist-timeout apply
     pair_warmup(groups.world, LEADER, send=True, allowed="world")
     pair_warmup(groups.link, 1, send=False, allowed="link")
     link.start()
@@ -174,8 +180,12 @@ def _mesh(session: RankSession) -> None:
     check_replicated_fingerprints(model, mesh, allowed=MESH, log=log)
     runner = build_generator(run, model)
     runner.extra_calls = faults.extra_generator_calls
-    # warm-up on mesh_pg; the verdict is gathered on world, rank0 included (absent row)
-    compile_gate(runner, run.cfg, run.dit, groups.world, allowed="world", record=session.flight)
+    runner.first_call_ms = faults.first_call_ms
+    faults.slow_startup()
+    # warm-up on mesh_pg; the verdict is gathered on `startup` (every rank, the long timeout),
+    # rank0 included with an absent row
+    compile_gate(runner, run.cfg, run.dit, groups.startup, allowed="startup", record=session.flight)
+    eager_warmup(runner, run.cfg, run.dit, record=session.flight)  # before all_ready (see there)
     tripwires = Tripwires(run.cfg, mesh, model, faults=faults, world=groups.world)
     broadcast = None
     if mesh.size > 1:
@@ -188,6 +198,7 @@ def _mesh(session: RankSession) -> None:
             **channel_kw,
         )
     rank = MeshRank(runner, tripwires, faults, groups, broadcast=broadcast)
+    session.all_ready()
     if mesh.rank != 0:
         rank.run_peer()
         return

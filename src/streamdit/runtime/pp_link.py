@@ -7,10 +7,15 @@ receiver thread puts results into `D_out`. Two directions on two threads is what
 k+1 travel while result k is on its way back: one thread doing blocking sends and receives in a
 fixed order would deadlock as soon as the next envelope depends on the previous result (r0a).
 
-On CUDA both threads run their transfers on a dedicated comm stream: an envelope is sent only
-after an event recorded by the producing stream, and a received result is handed over with an
-event the consumer waits on plus `record_stream`, so the caching allocator never reuses its
-memory while the decode stream still reads it.
+On CUDA each thread runs its transfers on its own comm stream: an envelope is sent only after an
+event recorded by the producing stream, and a received result is handed over with an event the
+receiver thread recorded right after that transfer (plus `record_stream`, so the caching
+allocator never reuses its memory while the decode stream still reads it). Two streams, not one:
+a blocking NCCL `recv` leaves its stream waiting for the transfer, and a send issued on that
+same stream would wait behind it; with the receiver posting its `recv` for result k before
+envelope k is sent, one shared stream is a deadlock. For the same reason the hand-over event is
+recorded by the receiver thread, never later on the stream's tail (by then the `recv` of the
+next result may be queued there).
 
 Failure posture: every error a thread meets (including a TransportError when the peer dies or the
 process-group timeout fires) is put into `D_out`, so the main thread wakes with it; an ERROR
@@ -50,14 +55,16 @@ def _peer_abort(result: PPResultV1) -> PeerAbort:
 
 @dataclass(frozen=True, slots=True)
 class Arrival:
-    """One result as the main thread receives it, with the local time it arrived."""
+    """One result as the main thread receives it, with the local time it arrived and (CUDA)
+    the event that marks its transfer done on the receiver's comm stream."""
 
     result: PPResultV1
     t_arrived: float
+    done: torch.cuda.Event | None = None
 
 
 class StreamGate:
-    """Cross-stream hand-over on CUDA (no-op on CPU)."""
+    """One comm thread's CUDA stream and its cross-stream hand-overs (no-op on CPU)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -80,13 +87,21 @@ class StreamGate:
                 self.stream.wait_event(wait)
             return fn()
 
-    def hand_over(self, result: PPResultV1) -> PPResultV1:
-        """Make the consumer's stream wait for the comm stream before it reads `result`."""
-        if self.cuda and result.latents_out is not None:
-            assert self.stream is not None
-            done = torch.cuda.Event()
-            done.record(self.stream)
-            torch.cuda.current_stream().wait_event(done)
+    def done_event(self) -> torch.cuda.Event | None:
+        """Recorded on this gate's stream by its owning thread right after a transfer."""
+        if not self.cuda:
+            return None
+        assert self.stream is not None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    @staticmethod
+    def hand_over(arrival: Arrival) -> PPResultV1:
+        """Make the consumer's stream wait for the result's transfer before it reads it."""
+        result = arrival.result
+        if arrival.done is not None and result.latents_out is not None:
+            torch.cuda.current_stream().wait_event(arrival.done)
             result.latents_out.record_stream(torch.cuda.current_stream())
         return result
 
@@ -108,7 +123,8 @@ class StageLink:
         self.results = results
         self.timeout_s = timeout_s
         self.now = now
-        self.gate = StreamGate(device)
+        self.send_gate = StreamGate(device)  # owned by the sender thread
+        self.recv_gate = StreamGate(device)  # owned by the receiver thread
         self.d_in: queue.Queue[tuple[PPEnvelopeV1, torch.cuda.Event | None]] = queue.Queue(maxsize=depth)
         self.d_out: queue.Queue[Arrival | BaseException] = queue.Queue()
         self.failed: BaseException | None = None  # the first error either thread met
@@ -124,7 +140,7 @@ class StageLink:
     def submit(self, envelope: PPEnvelopeV1) -> None:
         """Queue an envelope for the sender (blocks while `D_in` is full: nothing is dropped)."""
         self._raise_if_failed()
-        self.d_in.put((envelope, self.gate.ready_event()), timeout=self.timeout_s)
+        self.d_in.put((envelope, self.send_gate.ready_event()), timeout=self.timeout_s)
 
     def take(self) -> Arrival:
         """The next result; raises what a comm thread met, or PeerAbort on an ERROR result."""
@@ -138,7 +154,7 @@ class StageLink:
             self._raise_failure(item)
         if item.result.action is Action.ERROR:
             raise _peer_abort(item.result)
-        return Arrival(self.gate.hand_over(item.result), item.t_arrived)
+        return Arrival(StreamGate.hand_over(item), item.t_arrived)
 
     def _explanation(self, wait_s: float) -> PPResultV1 | None:
         """An ERROR result from the leader arriving within `wait_s`, if any."""
@@ -169,7 +185,7 @@ class StageLink:
         """
         if terminal is not None and self.failed is None and self._sender.is_alive():
             try:
-                self.d_in.put((terminal, self.gate.ready_event()), timeout=JOIN_S)
+                self.d_in.put((terminal, self.send_gate.ready_event()), timeout=JOIN_S)
             except queue.Full:
                 log.error("could not queue %s for the mesh leader: D_in stayed full", terminal.action.name)
         self._sender.join(JOIN_S if terminal is not None else 0.1)
@@ -200,7 +216,7 @@ class StageLink:
         while True:
             envelope, ready = self.d_in.get()
             try:
-                self.gate.run(lambda env=envelope: self.envelopes.send(env), wait=ready)
+                self.send_gate.run(lambda env=envelope: self.envelopes.send(env), wait=ready)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self._fail(exc)
                 return
@@ -210,14 +226,15 @@ class StageLink:
     def _recv_loop(self) -> None:
         while True:
             try:
-                result = self.gate.run(self.results.recv)
+                result = self.recv_gate.run(self.results.recv)
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 self._fail(exc)
                 return
             assert isinstance(result, PPResultV1)
             if result.action is Action.NOOP:
                 continue  # the answer to an idle keepalive: nothing for the main thread
-            self.d_out.put(Arrival(result, self.now()))
+            # recorded now, before this thread queues the next recv on its stream
+            self.d_out.put(Arrival(result, self.now(), self.recv_gate.done_event()))
             if result.action is not Action.INFER:
                 return
 

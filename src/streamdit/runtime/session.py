@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import torch
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import OrphanedError, PeerLost
+from streamdit.parallel.collectives import gather_at_startup
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.runtime.build import ValidatedRun, validate_run
 from streamdit.runtime.faults import FaultPlan
@@ -49,6 +51,26 @@ class RankSession:
         """Device, flight observer and poison exit shared by every channel of this rank."""
         return {"device": self.run.device, "observer": self.flight, "exit_fn": self._poison_exit}
 
+    def all_ready(self) -> None:
+        """Wait until every rank has finished its startup work (bounded by --startup-timeout).
+
+        Called by every rank right before its first data-plane transfer. Startup work differs
+        by role (pp: the mesh builds and shards the generator while rank0 builds only Stage 0),
+        so without this rendezvous rank0's first wait would count a large preset's load against
+        the short per-chunk `--dist-timeout`.
+        """
+        t0 = time.perf_counter()
+        gather_at_startup(
+            [self.groups.global_rank],
+            self.groups.startup,
+            allowed="startup",
+            what="startup rendezvous",
+            bound_s=self.run.cfg.startup_timeout_s,
+            error=PeerLost,
+        )
+        self.flight({"name": "all_ready", "detail": f"waited {time.perf_counter() - t0:.3f} s"})
+        log.info("every rank is ready (waited %.1f s)", time.perf_counter() - t0)
+
     def _poison_exit(self, code: int) -> None:
         """A send failed after its commitment point. When the transfer failed because a watched
         peer died (rank0 for a worker), the watchdog's verdict is the truer exit (orphan / peer
@@ -68,7 +90,13 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
     run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
     flight = FlightRecorder(label=f"rank{launch.rank}")
     flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
-    groups = init_groups(launch, device=run.device, timeout_s=cfg.dist_timeout_s, topology=topology)
+    groups = init_groups(
+        launch,
+        device=run.device,
+        timeout_s=cfg.dist_timeout_s,
+        topology=topology,
+        startup_timeout_s=cfg.startup_timeout_s,
+    )
     guard = threading.Lock()
 
     def record_verdict(message: str) -> None:

@@ -17,7 +17,7 @@ from streamdit.runtime.build import (
     load_input_frames,
     validate_run,
 )
-from streamdit.runtime.compile_health import compile_gate
+from streamdit.runtime.compile_health import compile_gate, eager_warmup
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
@@ -57,8 +57,10 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | 
     faults = FaultPlan.from_config(cfg)
     runner = build_generator(run)
     runner.extra_calls = faults.extra_generator_calls
+    runner.first_call_ms = faults.first_call_ms
     faults.add_graph_breaks(runner.model, 0)
     compile_gate(runner, cfg, run.dit, None, allowed="world")
+    eager_warmup(runner, cfg, run.dit)
     stage0, chunks = build_stage0(run, live)
     log.info(
         "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",

@@ -10,6 +10,7 @@ the generator's latents into uint8 frames. Nothing here runs a collective.
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.text import TextEncoder, blend
 from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
 from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, mix_seed, seeded_normal
-from streamdit.runtime.timeline import PromptSource, PromptState
+from streamdit.runtime.timeline import PromptSource, PromptState, Timeline, TimelineEntry
 
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
@@ -217,6 +218,42 @@ class Stage0:
         joined = pixels if self.decoded_window is None else torch.cat([self.decoded_window, pixels], 2)
         self.decoded_window = joined[:, :, max(0, joined.shape[2] - window) :].clone()
         return pixels_to_frames(pixels)
+
+
+def rehearse(stage0: Stage0, max_chunks: int) -> int:
+    """Phase A and C of synthetic chunks on a throwaway twin of `stage0` (same models, fresh
+    state; `stage0` itself is untouched): every kernel, library handle and allocator pool a
+    stream's Stage 0 uses exists afterwards. Returns the number of chunks rehearsed.
+
+    Why: under pp, rank0's comm threads keep NCCL transfers pending while the main thread runs
+    Stage 0, and the first use of a kernel module or a library (cuBLAS, cuDNN) waits for the
+    device's running kernels, the pending NCCL ones included, while those wait for an envelope
+    only this thread can build: a hang until the NCCL timeout. So Stage 0 runs every path it
+    will take (init, recompute context until the window is full, a soft blend) before any
+    transfer is posted; the generator's output is stood in for by the chunk's own noise.
+    """
+    cfg = stage0.cfg
+    chunks = min(max_chunks, math.ceil(cfg.local_attn_frames / cfg.frames_per_chunk) + 2)
+    timeline = Timeline(
+        [
+            TimelineEntry(chunk=0, prompt="rehearsal"),
+            TimelineEntry(chunk=1, prompt="rehearsal, blended", transition="soft"),
+        ]
+    )
+    twin = Stage0(
+        cfg,
+        timeline=timeline,
+        text_encoder=stage0.text_encoder,
+        vae=stage0.vae,
+        scheduler=stage0.scheduler,
+        device=stage0.device,
+        dtype=stage0.dtype,
+        input_frames=stage0.input_frames,
+    )
+    for k in range(chunks):
+        _, inputs, _ = twin.prepare(k)
+        twin.finish(inputs.latents)
+    return chunks
 
 
 def pixels_to_frames(pixels: torch.Tensor) -> np.ndarray:

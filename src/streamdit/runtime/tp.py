@@ -31,7 +31,7 @@ from streamdit.protocol.channel import BroadcastChannel, ChannelFaults
 from streamdit.protocol.header import PROTOCOL_VERSION, Action, Kind
 from streamdit.protocol.messages import TPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
-from streamdit.runtime.compile_health import compile_gate
+from streamdit.runtime.compile_health import compile_gate, eager_warmup
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
@@ -69,9 +69,11 @@ def run_tp(
         check_replicated_fingerprints(model, groups.tp, allowed="tp", log=log)
         runner = build_generator(run, model)
         runner.extra_calls = faults.extra_generator_calls
+        runner.first_call_ms = faults.first_call_ms
         # Same synthetic call plan on every rank (derived from parity-checked config), then
         # every rank judges the same gathered counters.
-        compile_gate(runner, cfg, run.dit, groups.world, allowed="world", record=session.flight)
+        compile_gate(runner, cfg, run.dit, groups.startup, allowed="startup", record=session.flight)
+        eager_warmup(runner, cfg, run.dit, record=session.flight)  # before all_ready (see there)
         channel = BroadcastChannel(
             groups.world.pg,
             0,
@@ -82,6 +84,7 @@ def run_tp(
             **session.channel_kw(),
         )
         tripwires = Tripwires(cfg, groups.tp, model, faults=faults, world=groups.world)
+        session.all_ready()
         summary = None
         if launch.rank == 0:
             if live is not None:
