@@ -34,8 +34,7 @@ def one_run(k: int, tmp: Path, extra: list[str], timeout_s: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"run": k, "exit": None, "seconds": time.monotonic() - t0, "rows": [], "error": "timed out"}
     print(proc.stdout[-2500:], flush=True)
-    rows = json.loads(out.read_text()) if out.exists() else []
-    rows = rows.get("rows", rows) if isinstance(rows, dict) else rows
+    rows = json.loads(out.read_text()) if out.exists() else []  # the matrix's JSON: a list of rows
     return {"run": k, "exit": proc.returncode, "seconds": time.monotonic() - t0, "rows": rows}
 
 

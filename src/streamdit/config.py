@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -226,6 +227,12 @@ class RunConfig:
     @property
     def kv_recompute(self) -> bool:
         return self.recompute != "off"
+
+    @property
+    def window_fill_chunks(self) -> int:
+        """Chunks from a cache init until the KV window is full and evicting, plus one: the
+        steady state every later chunk runs in (warm-up and Stage 0 rehearsal run this far)."""
+        return math.ceil(self.local_attn_frames / self.frames_per_chunk) + 2
 
     @property
     def context_frames(self) -> int:

@@ -107,7 +107,7 @@ def warmup_chunks(
     window is full and evicting, so every slot-bound variant a stream meets is compiled here;
     the last chunk carries the soft-transition KV bias (a masked attention variant).
     """
-    steady = math.ceil(cfg.local_attn_frames / cfg.frames_per_chunk) + 2
+    steady = cfg.window_fill_chunks
     steps = torch.tensor(cfg.denoising_step_list, dtype=torch.int64)
     latent_shape = (1, cfg.frames_per_chunk, LATENT_CHANNELS, cfg.height // 8, cfg.width // 8)
     ctx_shape = (1, cfg.context_frames, *latent_shape[2:])

@@ -68,8 +68,9 @@ class RankSession:
             bound_s=self.run.cfg.startup_timeout_s,
             error=PeerLost,
         )
-        self.flight({"name": "all_ready", "detail": f"waited {time.perf_counter() - t0:.3f} s"})
-        log.info("every rank is ready (waited %.1f s)", time.perf_counter() - t0)
+        waited = time.perf_counter() - t0
+        self.flight({"name": "all_ready", "detail": f"waited {waited:.3f} s"})
+        log.info("every rank is ready (waited %.1f s)", waited)
 
     def _poison_exit(self, code: int) -> None:
         """A send failed after its commitment point. When the transfer failed because a watched

@@ -10,7 +10,6 @@ the generator's latents into uint8 frames. Nothing here runs a collective.
 from __future__ import annotations
 
 import logging
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -233,7 +232,7 @@ def rehearse(stage0: Stage0, max_chunks: int) -> int:
     transfer is posted; the generator's output is stood in for by the chunk's own noise.
     """
     cfg = stage0.cfg
-    chunks = min(max_chunks, math.ceil(cfg.local_attn_frames / cfg.frames_per_chunk) + 2)
+    chunks = min(max_chunks, cfg.window_fill_chunks)
     timeline = Timeline(
         [
             TimelineEntry(chunk=0, prompt="rehearsal"),
