@@ -25,6 +25,10 @@ import time
 from pathlib import Path
 
 HEALTH = re.compile(r"compile warm-up ([\d.]+) s: CompileCounters\((.*)\)")
+# what the job loaded (weights, text source): the evidence of what was measured
+LOADED = re.compile(
+    r"streamdit\.runtime\.build: ((?:DiT weights|VAE weights|VAE latent|text encoder|text emb|text:).*)"
+)
 
 
 def run_job(name: str, flags: str, args: argparse.Namespace) -> dict:
@@ -43,6 +47,7 @@ def run_job(name: str, flags: str, args: argparse.Namespace) -> dict:
     health = [{"warmup_s": float(m.group(1)), **_counters(m.group(2))} for m in HEALTH.finditer(proc.stderr)]
     if health:
         row["compile_health"] = health
+    row["loaded"] = LOADED.findall(proc.stderr)
     if proc.returncode != 0:
         return {**row, "error": f"exit {proc.returncode}", "tail": proc.stderr[-3000:]}
     rows = [json.loads(line) for line in metrics.read_text().splitlines()][args.skip :]
@@ -75,7 +80,21 @@ def summarize(rows: list[dict]) -> dict:
     }
     if pp:
         out.update({"stage0_ms": med("stage0_ms"), "stage1_ms": med("stage1_ms")})
+    # chunks whose phase A ran the text encoder (a new prompt) vs every other chunk
+    changes = [r for r in rows if r.get("text_ms")]
+    steady = [r for r in rows if not r.get("text_ms")]
+    if changes and steady:
+        steady_period = statistics.median(_period(r, pp) for r in steady)
+        out["fps_without_prompt_change"] = frames / (steady_period / 1e3)
+        out["prompt_changes"] = [
+            {"chunk_index": r["chunk_index"], "text_ms": r["text_ms"], "period_ms": _period(r, pp)}
+            for r in changes
+        ]
     return out
+
+
+def _period(row: dict, pp: bool) -> float:
+    return row["period_ms"] if pp else row["phase_a_ms"] + row["phase_b_ms"] + row["phase_c_ms"]
 
 
 def _host() -> dict:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from streamdit.protocol.messages import Action, PPEnvelopeV1, PPResultV1, TPEnvelopeV1
+from streamdit.protocol.rules import ENVELOPE_VERSION
 
 H, W = 32, 48  # smallest-ish geometry that obeys "multiple of 16": latents [B, F, 16, 4, 6]
 
@@ -20,9 +21,14 @@ def latents(frames: int = 3, dtype: torch.dtype = torch.bfloat16, *, seed: int =
     return torch.randn((1, frames, 16, H // 8, W // 8), generator=gen).to(dtype)
 
 
-def payload(*, recompute: bool = True, steps: int = 4, seed: int = 0, **over: Any) -> dict[str, Any]:
+def payload(
+    *, recompute: bool = True, steps: int = 4, seed: int = 0, policy: str = "rank0_anchor", **over: Any
+) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(seed + 1)
+    ships = recompute and policy == "rank0_anchor"
+    extra = 1 if recompute or policy == "append" else 0
     base: dict[str, Any] = {
+        "cache_policy": policy,
         "height": H,
         "width": W,
         "current_start_frame": 3,
@@ -33,12 +39,12 @@ def payload(*, recompute: bool = True, steps: int = 4, seed: int = 0, **over: An
         "kv_cache_attention_bias": 0.3,
         "do_kv_recompute": recompute,
         "num_denoise_steps": steps,
-        "expected_generator_calls": steps + (1 if recompute else 0),
+        "expected_generator_calls": steps + extra,
         "base_seed": 1234567890123,
         "denoising_step_list": torch.tensor([1000, 750, 500, 250, 125, 60][:steps], dtype=torch.int64),
         "latents": latents(seed=seed),
         "conditioning_embeds": torch.randn((1, 8, 32), generator=gen, dtype=torch.float32),
-        "context_frames_override": latents(seed=seed + 7) if recompute else None,
+        "context_frames_override": latents(seed=seed + 7) if ships else None,
     }
     base.update(over)
     return base
@@ -57,7 +63,11 @@ def ids(
 
 def tp_infer(call_id: int = 5, chunk_index: int = 2, cache_epoch: int = 1, **over: Any) -> TPEnvelopeV1:
     recompute = over.pop("recompute", True)
-    fields = {"tp_plan": "generator_only", "tp_envelope_version": 1, **payload(recompute=recompute)}
+    fields = {
+        "tp_plan": "generator_only",
+        "tp_envelope_version": ENVELOPE_VERSION,
+        **payload(recompute=recompute),
+    }
     fields.update(over)
     return TPEnvelopeV1(action=Action.INFER, **ids(call_id, chunk_index, cache_epoch), **fields)
 
@@ -66,13 +76,11 @@ def pp_infer(
     call_id: int = 5,
     chunk_index: int = 2,
     cache_epoch: int = 1,
-    mode: str = "rank0_anchor",
+    mode: str = "rank0_anchor",  # the cache policy
     **over: Any,
 ) -> PPEnvelopeV1:
-    recompute = over.pop("recompute", mode != "off")
-    fields = {"pp_envelope_version": 1, "recompute_mode": mode, **payload(recompute=recompute)}
-    if mode == "latent_anchor":
-        fields["context_frames_override"] = None
+    recompute = over.pop("recompute", mode in ("rank0_anchor", "latent_anchor"))
+    fields = {"pp_envelope_version": ENVELOPE_VERSION, **payload(recompute=recompute, policy=mode)}
     fields.update(over)
     return PPEnvelopeV1(action=Action.INFER, **ids(call_id, chunk_index, cache_epoch), **fields)
 

@@ -1,7 +1,9 @@
 """Command line: `streamdit run ...` (also `python -m streamdit run ...`).
 
-Owns: flag parsing into one `RunConfig`, exit codes (bad input → 2, Ctrl-C/SIGTERM → 130 with
-the video closed and valid, typed errors → their code) and logging setup. Imports runtime.
+Owns: the subcommands (run, serve, encode-text, matrix, inspect), exit codes (bad input → 2,
+Ctrl-C/SIGTERM → 130 with the video closed and valid, typed errors → their code), the one-line
+note of a run on stand-in parts, and logging setup. The run flags and their translation into a
+`RunConfig` live in flags.py. Imports runtime.
 """
 
 from __future__ import annotations
@@ -17,22 +19,13 @@ from typing import TYPE_CHECKING
 
 from streamdit import __version__
 from streamdit.config import (
-    COMPILE_BACKENDS,
-    COMPILE_MODES,
-    DEFAULT_STEP_LIST,
-    DEFAULT_V2V_STEP_LIST,
-    RECOMPUTE,
-    TOPOLOGIES,
-    WARMUP,
     LaunchEnv,
     RunConfig,
     apply_environment,
     cuda_loading_defaults,
-    is_tty_allowed,
-    read_test_hooks,
-    step_list_for,
 )
 from streamdit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StreamditError
+from streamdit.flags import add_run_flags, config_from_args
 from streamdit.runtime.live import STOP_OVER_HTTP
 from streamdit.runtime.liveness import StopFlag
 
@@ -40,105 +33,8 @@ if TYPE_CHECKING:
     from streamdit.runtime.driver import RunSummary
     from streamdit.runtime.live import LiveStream
 
-SERVE_OUT = Path("out/serve/stream.mp4")  # serve without --out: flight records go beside it
 
 log = logging.getLogger("streamdit")
-
-
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-
-
-def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    d = RunConfig()
-    p.add_argument("--topology", default=d.topology, choices=list(TOPOLOGIES), help="process layout")
-    p.add_argument("--nproc", type=int, default=d.nproc, help="local ranks to start (tp, pp)")
-    p.add_argument("--dist-timeout", type=float, default=d.dist_timeout_s, help="process-group timeout (s)")
-    p.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=d.startup_timeout_s,
-        help="bounds the wait for peers' startup work, e.g. the compile warm-up (s)",
-    )
-    p.add_argument(
-        "--watchdog-window",
-        type=float,
-        default=d.watchdog_window_s,
-        help="heartbeat silence that ends the job (s)",
-    )
-    p.add_argument("--input-digest-every", type=int, default=d.input_digest_every, help="0 = off")
-    p.add_argument("--output-digest-every", type=int, default=d.output_digest_every, help="0 = off")
-    p.add_argument(
-        "--no-fingerprint-on-init-cache",
-        action="store_true",
-        help="check weight fingerprints at startup only, not again on each cache re-init",
-    )
-    p.add_argument("--preset", default=d.preset, help="DiT preset: tiny | wan-1.3b | wan-14b")
-    p.add_argument("--vae", default=None, help="VAE preset: tiny | wan (default follows --preset)")
-    p.add_argument("--height", type=int, default=d.height, help="pixel height, multiple of 16")
-    p.add_argument("--width", type=int, default=d.width, help="pixel width, multiple of 16")
-    p.add_argument("--chunks", type=int, default=d.chunks, help="chunks to generate")
-    p.add_argument("--frames-per-chunk", type=int, default=d.frames_per_chunk, help="latent frames per chunk")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (evenly spaced from 1000)")
-    p.add_argument(
-        "--step-list",
-        type=_int_list,
-        default=None,
-        help="explicit timesteps, e.g. 1000,750,500,250",
-    )
-    p.add_argument("--shift", type=float, default=d.shift, help="flow schedule shift")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of weights and noise")
-    p.add_argument("--prompt", default=d.prompt, help="prompt when no --timeline is given")
-    p.add_argument("--timeline", type=Path, default=None, help="prompt timeline (.toml or .json)")
-    p.add_argument("--input-video", type=Path, default=None, help="video-to-video input file")
-    p.add_argument("--out", type=Path, default=d.out, help="output .mp4 or .npy (uint8 [T,H,W,3])")
-    p.add_argument("--metrics", type=Path, default=None, help="per-chunk JSON-lines metrics file")
-    p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
-    p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile the generator (warmed up at startup)"
-    )
-    p.add_argument(
-        "--compile-backend",
-        default=d.compile_backend,
-        choices=list(COMPILE_BACKENDS),
-        help="torch.compile backend",
-    )
-    p.add_argument(
-        "--compile-mode", default=d.compile_mode, choices=list(COMPILE_MODES), help="inductor mode"
-    )
-    p.add_argument(
-        "--graph-break-budget",
-        type=int,
-        default=d.graph_break_budget,
-        help="graph breaks allowed per generator call after warm-up (more fails at startup)",
-    )
-    p.add_argument(
-        "--recompute",
-        default=d.recompute,
-        choices=list(RECOMPUTE),
-        help="KV recompute: off (R1) | r0a (rank0 anchor) | r0 (generator-side latent anchor)",
-    )
-    p.add_argument("--no-kv-recompute", action="store_true", help="same as --recompute off")
-    p.add_argument(
-        "--warmup",
-        default=d.warmup,
-        choices=list(WARMUP),
-        help="eager generator warm-up at startup (auto: tp / pp on CUDA; compile always warms up)",
-    )
-    p.add_argument("--queue-depth", type=int, default=d.queue_depth, help="pp: envelopes in flight (D)")
-    p.add_argument("--local-attn-frames", type=int, default=d.local_attn_frames, help="KV window in frames")
-    p.add_argument("--sink-frames", type=int, default=d.sink_frames, help="never-evicted first frames")
-    p.add_argument("--soft-bias", type=float, default=d.soft_bias, help="KV bias on soft transitions")
-    p.add_argument("--checkpoint", type=Path, default=None, help="DiT weights (.safetensors)")
-    p.add_argument("--vae-checkpoint", type=Path, default=None, help="VAE weights (.safetensors)")
-    p.add_argument("--fps", type=int, default=d.fps, help="frame rate of the .mp4")
-    p.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate a video chunk by chunk")
-    _add_run_flags(run)
+    add_run_flags(run)
     matrix = sub.add_parser("matrix", help="run the operator test matrix (break-it rows) here")
     matrix.add_argument("--only", default=None, help="comma-separated row ids, e.g. OM-01,OM-13")
     matrix.add_argument("--json", type=Path, default=None, help="write the results as JSON")
@@ -165,11 +61,20 @@ def build_parser() -> argparse.ArgumentParser:
         "real NCCL communicators on a machine with fewer GPUs than ranks",
     )
     serve = sub.add_parser("serve", help="live generation in a browser, steered while it runs")
-    _add_run_flags(serve)
+    add_run_flags(serve)
     serve.set_defaults(out=None)  # serve records a video only when --out is given
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (rank0)")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
     serve.add_argument("--start-paused", action="store_true", help="wait for start on the page")
+    enc = sub.add_parser(
+        "encode-text", help="precompute prompt embeddings with a local umT5 (for --text-embeddings)"
+    )
+    enc.add_argument("--text-encoder", type=Path, required=True, help="local umT5 folder")
+    enc.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    enc.add_argument("--timeline", type=Path, default=None, help="also every prompt of this timeline")
+    enc.add_argument("--preset", default=RunConfig().preset, help="the DiT the embeddings are for")
+    enc.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    enc.add_argument("--out", type=Path, required=True, help="embeddings file (.safetensors)")
     inspect = sub.add_parser("inspect", help="name the first failing rank of a failed job")
     inspect.add_argument("dir", type=Path, help="the job's output folder (holding flight/) or flight/")
     inspect.add_argument("--json", action="store_true", help="machine-readable report")
@@ -219,55 +124,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    if args.step_list is not None:
-        steps = args.step_list
-    elif args.steps is not None:
-        steps = step_list_for(args.steps)
-    else:
-        steps = DEFAULT_V2V_STEP_LIST if args.input_video else DEFAULT_STEP_LIST
-    return RunConfig(
-        topology=args.topology,
-        nproc=args.nproc,
-        dist_timeout_s=args.dist_timeout,
-        startup_timeout_s=args.startup_timeout,
-        watchdog_window_s=args.watchdog_window,
-        input_digest_every=args.input_digest_every,
-        output_digest_every=args.output_digest_every,
-        fingerprint_on_init_cache=not args.no_fingerprint_on_init_cache,
-        preset=args.preset,
-        vae=args.vae,
-        height=args.height,
-        width=args.width,
-        chunks=args.chunks,
-        frames_per_chunk=args.frames_per_chunk,
-        denoising_step_list=tuple(steps),
-        shift=args.shift,
-        seed=args.seed,
-        prompt=args.prompt,
-        timeline=args.timeline,
-        input_video=args.input_video,
-        out=args.out if args.out is not None else SERVE_OUT,
-        metrics=args.metrics,
-        device=args.device,
-        dtype=args.dtype,
-        attn_backend=args.attn_backend,
-        compile=args.compile,
-        compile_backend=args.compile_backend,
-        compile_mode=args.compile_mode,
-        graph_break_budget=args.graph_break_budget,
-        warmup=args.warmup,
-        recompute="off" if args.no_kv_recompute else args.recompute,
-        queue_depth=args.queue_depth,
-        local_attn_frames=args.local_attn_frames,
-        sink_frames=args.sink_frames,
-        soft_bias=args.soft_bias,
-        checkpoint=args.checkpoint,
-        vae_checkpoint=args.vae_checkpoint,
-        fps=args.fps,
-        progress=not args.no_progress and is_tty_allowed() and getattr(args, "command", "run") != "serve",
-        test_hooks=read_test_hooks(),
-    )
+def _encode_text(args: argparse.Namespace) -> int:
+    from streamdit.runtime.build import encode_text_file
+
+    try:
+        cfg = RunConfig(
+            preset=args.preset, device=args.device, text_encoder=args.text_encoder, timeline=args.timeline
+        )
+        n = encode_text_file(cfg, args.prompt, args.out)
+    except ConfigError as exc:
+        print(f"streamdit: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {n} prompt embeddings to {args.out}")
+    return EXIT_OK
 
 
 def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
@@ -289,11 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         return _inspect(args)
     if args.command == "matrix":
         return _matrix(args)
+    if args.command == "encode-text":
+        logging.basicConfig(level=logging.WARNING)
+        return _encode_text(args)
     launch = LaunchEnv.from_environ()
     prefix = f"[rank{launch.rank}] " if launch.launched else ""
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s"
     )
+    # what was loaded from where (file, format, keys, dtypes) is always reported
+    build_log = logging.getLogger("streamdit.runtime.build")
+    build_log.setLevel(min(build_log.getEffectiveLevel(), logging.INFO))
     # `kill -USR1 <pid>` prints every thread's Python stack (a rank that looks stuck says where)
     with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr: no dump
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
@@ -310,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             from streamdit.runtime.launch import launch_local
 
             return launch_local(argv, cfg.nproc)
+        note = cfg.synthetic_note() if launch.rank == 0 else None
+        if note:
+            print(f"streamdit: {note}", file=sys.stderr)
         if args.command == "serve" and launch.rank == 0:
             from streamdit.serve.main import serve_rank0
 
@@ -336,7 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-    return _report(summary)
+    code = _report(summary)
+    if note:
+        print(f"streamdit: {note}", file=sys.stderr)
+    return code
 
 
 def _run(

@@ -2,7 +2,9 @@
 
 Owns: `RunConfig` (built once from CLI flags), the launch environment (`LaunchEnv`), the
 test-hook settings (`STREAMDIT_TEST_*`), and the list of parity keys. This is the ONLY module
-that reads `os.environ`. Must not import model/, parallel/, protocol/ or runtime/.
+that reads `os.environ`. Must not import model/, parallel/, protocol/ (but its leaf enum module
+`protocol.policy`, the cache policy shared with the wire) or runtime/. Recipe defaults come from
+`streamdit.recipes` (`RunConfig.for_recipe`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from streamdit.errors import ConfigError
+from streamdit.protocol.policy import CachePolicy
+from streamdit.recipes import RECIPES, Recipe, get_recipe
 
 DTYPES = ("float32", "bfloat16")
 DEFAULT_STEP_LIST = (1000, 750, 500, 250)
@@ -26,24 +30,32 @@ DEFAULT_STEP_LIST = (1000, 750, 500, 250)
 DEFAULT_V2V_STEP_LIST = (750, 500)
 OUTPUT_SUFFIXES = (".mp4", ".npy")
 TOPOLOGIES = ("single", "tp", "pp")
-RECOMPUTE = ("off", "r0a", "r0")
+RECOMPUTE = ("off", "r0a", "r0", "append")
+CACHE_POLICY = {
+    "off": CachePolicy.OFF,
+    "r0a": CachePolicy.RANK0_ANCHOR,
+    "r0": CachePolicy.LATENT_ANCHOR,
+    "append": CachePolicy.APPEND,
+}
+LATENT_NORMS = ("auto", "identity", "wan2.1")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WARMUP = ("auto", "on", "off")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
 
 
-def step_list_for(steps: int) -> tuple[int, ...]:
-    """Evenly spaced timesteps from 1000 down: 4 → (1000, 750, 500, 250)."""
-    if steps < 1 or steps > 50:
-        raise ConfigError(f"steps must be in 1..50, got {steps} [field=steps]")
-    return tuple(round(1000 - i * 1000 / steps) for i in range(steps))
+def step_list_for(steps: int, recipe: str = "streamdit") -> tuple[int, ...]:
+    """The recipe's step list of `steps` steps: 4 → (1000, 750, 500, 250) by default."""
+    return get_recipe(recipe).step_list(steps)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RunConfig:
     """Everything one run needs. Fields that change which collectives run are parity keys."""
 
+    recipe: str = "streamdit"
+    """The loop a checkpoint runs with (recipes.py): streamdit | self-forcing | krea-realtime |
+    scope-krea. `for_recipe` fills the settings it defaults; the rest are its fixed rules."""
     topology: str = "single"
     """single | tp (rank0 runs A + C and a generator shard; workers run Phase B only) | pp (rank0
     runs A + C only; ranks 1..N-1 form the generator mesh, TP inside it when N-1 > 1)."""
@@ -76,7 +88,8 @@ class RunConfig:
     frames_per_chunk: int = 3
     """Latent frames per chunk (3 → 12 pixel frames in steady state)."""
     denoising_step_list: tuple[int, ...] = DEFAULT_STEP_LIST
-    """Timesteps of the few-step flow-matching sampler, strictly decreasing in (0, 1000]."""
+    """Timesteps of the few-step flow-matching sampler, strictly decreasing in [0, 1000] (a 0
+    only as the last step)."""
     shift: float = 5.0
     """Flow schedule shift."""
     seed: int = 0
@@ -110,10 +123,11 @@ class RunConfig:
     and pp on CUDA). It runs the first-use work of the device (library handles, kernels, the TP
     communicator) under --startup-timeout, so chunk 0 is bounded by --dist-timeout like any."""
     recompute: str = "r0a"
-    """KV recompute before each chunk after the first (protocol.md §7): off (R1, keep the last
-    call's K/V), r0a (rank0 supplies the anchor from its decode: exact, but under pp the next
-    envelope waits for the previous decode), r0 (generator ranks build the anchor from their own
-    latents: no dependency on rank0, a different anchor)."""
+    """The KV-cache regime (protocol.policy.CachePolicy): off (R1, keep the last call's K/V),
+    r0a (recompute before each chunk after the first; rank0 supplies the anchor from its decode:
+    exact, but under pp the next envelope waits for the previous decode), r0 (generator ranks
+    build the anchor from their own latents: no dependency on rank0, a different anchor), append
+    (Self-Forcing: one clean t = 0 call after each chunk writes its K/V; no recompute)."""
     queue_depth: int = 2
     """pp: envelopes in flight to the mesh (D); 1 serializes the two stages."""
     local_attn_frames: int = 6
@@ -121,11 +135,25 @@ class RunConfig:
     sink_frames: int = 0
     """Frames at the stream start that are never evicted."""
     soft_bias: float = 0.3
-    """kv_cache_attention_bias applied on soft prompt transitions (1.0 = none)."""
+    """kv_cache_attention_bias where the recipe applies one (1.0 = none)."""
+    blend_chunks: int = 2
+    """Chunks a soft prompt change blends over when the timeline entry does not say."""
     checkpoint: Path | None = None
-    """DiT weights (safetensors, Wan2.1 / Self-Forcing key names)."""
+    """DiT weights: .safetensors (single, or a sharded folder / index.json), .pt / .pth
+    (weights only), or a diffusers folder; Wan2.1, Self-Forcing, Krea or diffusers key names."""
+    checkpoint_select: str | None = None
+    """Which state dict of a multi-model checkpoint: ema (generator_ema), a top-level key
+    (generator, model, ...) or a key prefix ending in '.'; default: the only one / generator."""
     vae_checkpoint: Path | None = None
-    """VAE weights (safetensors)."""
+    """VAE weights: Wan2.1_VAE.pth, .safetensors or a diffusers AutoencoderKLWan folder."""
+    latent_norm: str = "auto"
+    """VAE latent statistics: auto (wan2.1 with real VAE weights, identity with synthetic
+    ones) | identity | wan2.1."""
+    text_encoder: Path | None = None
+    """A local umT5 folder (transformers' UMT5EncoderModel + tokenizer, or a diffusers root
+    with text_encoder/ and tokenizer/); default: the offline hash stand-in."""
+    text_embeddings: Path | None = None
+    """Precomputed prompt embeddings (.safetensors) instead of a text encoder."""
     fps: int = 16
     """Frame rate written into the .mp4."""
     progress: bool = True
@@ -134,6 +162,18 @@ class RunConfig:
     """STREAMDIT_TEST_* settings (parity keys): named fault injection points for tests."""
 
     def __post_init__(self) -> None:
+        _check(self.recipe in RECIPES, "recipe", f"{self.recipe!r} is not one of {tuple(RECIPES)}")
+        _check(
+            self.text_encoder is None or self.text_embeddings is None,
+            "text_encoder",
+            "give --text-encoder or --text-embeddings, not both",
+        )
+        _check(
+            self.latent_norm in LATENT_NORMS,
+            "latent_norm",
+            f"{self.latent_norm!r} is not one of {LATENT_NORMS}",
+        )
+        _check(self.blend_chunks >= 1, "blend_chunks", f"must be >= 1, got {self.blend_chunks}")
         _check(
             self.compile_backend in COMPILE_BACKENDS,
             "compile_backend",
@@ -179,9 +219,9 @@ class RunConfig:
         steps = self.denoising_step_list
         _check(len(steps) >= 1, "denoising_step_list", "must not be empty")
         _check(
-            all(0 < t <= 1000 for t in steps),
+            all(0 <= t <= 1000 for t in steps) and 0 not in steps[:-1],
             "denoising_step_list",
-            f"{steps} must lie in (0, 1000]",
+            f"{steps} must lie in [0, 1000] (a 0 only as the last step)",
         )
         _check(
             all(a > b for a, b in zip(steps, steps[1:], strict=False)),
@@ -201,7 +241,7 @@ class RunConfig:
         _check(self.fps >= 1, "fps", f"must be >= 1, got {self.fps}")
         ctx = self.context_frames
         _check(
-            self.local_attn_frames >= self.frames_per_chunk + (ctx if self.kv_recompute else 0),
+            self.local_attn_frames >= self.frames_per_chunk + (ctx if self.cache_policy.recomputes else 0),
             "local_attn_frames",
             f"{self.local_attn_frames} cannot hold the context ({ctx}) "
             f"plus a chunk ({self.frames_per_chunk})",
@@ -224,9 +264,18 @@ class RunConfig:
             return self.topology != "single" and device_type == "cuda"
         return self.warmup == "on"
 
+    @classmethod
+    def for_recipe(cls, recipe: str, **settings: object) -> RunConfig:
+        """A config with the recipe's run defaults, then `settings` (explicit flags) on top."""
+        return cls(**{**get_recipe(recipe).run_defaults(), **settings})  # type: ignore[arg-type]
+
     @property
-    def kv_recompute(self) -> bool:
-        return self.recompute != "off"
+    def recipe_spec(self) -> Recipe:
+        return RECIPES[self.recipe]
+
+    @property
+    def cache_policy(self) -> CachePolicy:
+        return CACHE_POLICY[self.recompute]
 
     @property
     def window_fill_chunks(self) -> int:
@@ -246,6 +295,7 @@ class RunConfig:
     def parity_items(self) -> dict[str, str]:
         """Every setting that must be equal on all ranks, as strings (compared at startup)."""
         items = {
+            "recipe": self.recipe,
             "topology": self.topology,
             "dist_timeout_s": repr(self.dist_timeout_s),
             "startup_timeout_s": repr(self.startup_timeout_s),
@@ -271,9 +321,28 @@ class RunConfig:
             "queue_depth": str(self.queue_depth),
             "local_attn_frames": str(self.local_attn_frames),
             "sink_frames": str(self.sink_frames),
+            "soft_bias": repr(self.soft_bias),
+            "blend_chunks": str(self.blend_chunks),
         }
         items.update({k: v for k, v in sorted(self.test_hooks.items())})
         return items
+
+    def synthetic_note(self) -> str | None:
+        """One line naming every part that runs on stand-ins (None when all are real)."""
+        parts = []
+        if self.checkpoint is None:
+            parts.append("seeded synthetic DiT weights")
+        if self.vae_checkpoint is None:
+            parts.append("seeded synthetic VAE weights")
+        if self.text_encoder is None and self.text_embeddings is None:
+            parts.append("the hash text encoder")
+        if not parts:
+            return None
+        listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        return (
+            f"NOTE: this run uses {listed}, not a real model: its video shows no real content "
+            "(README: 'Run a real model')"
+        )
 
     def config_hash(self) -> str:
         blob = json.dumps(self.parity_items(), sort_keys=True).encode()

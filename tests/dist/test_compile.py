@@ -122,7 +122,9 @@ def test_pp_rank0_waits_out_a_mesh_startup_longer_than_dist_timeout(
     ok = spawn_ranks([flags, flags], hooks, topology="pp", out_dir=tmp_path / "ok")
     for o in ok:
         assert o.code == 0, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
-    capped = [*flags, "--startup-timeout", "3"]
+    # the mesh's gather comes after its delay and its warm-up (6.5 s of aot_eager on a loaded
+    # 2-core box): a long watchdog window keeps the orphan verdict from racing it
+    capped = [*flags, "--startup-timeout", "3", "--watchdog-window", "30"]
     failed = spawn_ranks([capped, capped], hooks, topology="pp", out_dir=tmp_path / "capped")
     all_failed_fast(failed, error, f"{gather} on group 'startup'", "--startup-timeout 3 s")
     waited = re.search(r"failed on rank 0 after ([\d.]+) s", failed[0].log)

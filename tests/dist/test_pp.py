@@ -73,17 +73,24 @@ def test_pp_matches_single_process(tmp_path: Path, single_run, nproc: int, warmu
 
 
 def test_recompute_r0_builds_the_same_anchor_in_every_topology(tmp_path: Path) -> None:
-    """r0: the generator ranks keep their own latents as the anchor; single and PP1 agree."""
+    """r0: the generator ranks keep their own latents as the anchor; single, TP=2 and PP1 agree
+    (the cache policy travels in every envelope: tp once failed this at chunk 1)."""
     base = [*GEOM, "--chunks", "5", "--recompute", "r0"]
     runs = {}
-    for name, extra in (("single", []), ("pp", ["--topology", "pp", "--nproc", "3", "--dist-timeout", "20"])):
+    layouts = (
+        ("single", []),
+        ("tp", ["--topology", "tp", "--nproc", "2", "--dist-timeout", "20"]),
+        ("pp", ["--topology", "pp", "--nproc", "3", "--dist-timeout", "20"]),
+    )
+    for name, extra in layouts:
         hooks = {"STREAMDIT_TEST_DUMP_LATENTS": str(tmp_path / name)}
         proc = run_cli([*base, *extra, "--out", str(tmp_path / f"{name}.npy")], hooks=hooks, cwd=tmp_path)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = latents(tmp_path / name)
-    assert len(runs["single"]) == len(runs["pp"]) == 5
-    for k, (a, b) in enumerate(zip(runs["pp"], runs["single"], strict=True)):
-        assert np.abs(a - b).max() <= 1e-4, f"chunk {k}: max abs diff {np.abs(a - b).max()}"
+    assert len(runs["single"]) == len(runs["tp"]) == len(runs["pp"]) == 5
+    for name in ("tp", "pp"):
+        for k, (a, b) in enumerate(zip(runs[name], runs["single"], strict=True)):
+            assert np.abs(a - b).max() <= 1e-4, f"{name} chunk {k}: max abs diff {np.abs(a - b).max()}"
 
 
 @pytest.mark.parametrize("warmup", ["on", "off"])

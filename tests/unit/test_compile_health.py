@@ -10,6 +10,7 @@ import torch
 from streamdit.config import RunConfig
 from streamdit.errors import CompileHealthError, ConfigError
 from streamdit.model.presets import get_dit_config
+from streamdit.protocol.header import Ids
 from streamdit.runtime.build import build_generator, validate_run
 from streamdit.runtime.compile_health import (
     CompileCounters,
@@ -19,7 +20,6 @@ from streamdit.runtime.compile_health import (
     warmup_chunks,
 )
 from streamdit.runtime.faults import FaultPlan
-from streamdit.runtime.plan import ChunkIds
 
 OK = CompileCounters(
     generator=1,
@@ -59,7 +59,7 @@ def test_blocks_that_fell_back_to_eager_fail() -> None:
         judge([eager], blocks=2, budget=2)
 
 
-@pytest.mark.parametrize("recompute", ["off", "r0a", "r0"])
+@pytest.mark.parametrize("recompute", ["off", "r0a", "r0", "append"])
 def test_warmup_plan_reaches_the_steady_window_then_a_soft_chunk(recompute: str) -> None:
     cfg = RunConfig(recompute=recompute, height=32, width=48, local_attn_frames=6, frames_per_chunk=3)
     chunks = warmup_chunks(cfg, get_dit_config("tiny"), torch.device("cpu"), torch.float32)
@@ -68,8 +68,9 @@ def test_warmup_plan_reaches_the_steady_window_then_a_soft_chunk(recompute: str)
     assert chunks[-2].current_start_frame >= cfg.local_attn_frames + cfg.frames_per_chunk
     assert [c.kv_cache_attention_bias for c in chunks[-2:]] == [1.0, cfg.soft_bias]
     for k, c in enumerate(chunks):
-        c.check(latent_anchor=recompute == "r0")  # a plan the generator accepts
-        assert c.do_kv_recompute == (recompute != "off" and k > 0)
+        c.check()  # a plan the generator accepts
+        assert c.cache_policy == cfg.cache_policy.value
+        assert c.do_kv_recompute == (recompute in ("r0a", "r0") and k > 0)
         assert c.latents.shape == (1, 3, 16, 4, 6)
 
 
@@ -84,7 +85,7 @@ def _runner(budget: int, hooks: dict[str, str] | None = None):
     )
     run = validate_run(cfg)
     runner = build_generator(run)
-    FaultPlan.from_config(cfg).add_graph_breaks(runner.model, 0)
+    FaultPlan.from_config(cfg).arm(runner, 0)
     return cfg, run, runner
 
 
@@ -115,5 +116,5 @@ def test_eager_warmup_runs_where_the_setting_says_and_leaves_the_stream_unchange
     assert warmed.calls_made > 0
     assert eager_warmup(fresh, RunConfig(height=32, width=48, warmup="off"), run.dit) == 0
     for k, inputs in enumerate(warmup_chunks(cfg, run.dit, fresh.device, fresh.dtype)[:3]):
-        ids = ChunkIds(call_id=100 + k, chunk_index=k, cache_epoch=1)
+        ids = Ids(call_id=100 + k, chunk_index=k, cache_epoch=1)
         assert torch.equal(warmed.run(inputs, ids), fresh.run(inputs, ids))  # chunk 0 resets all

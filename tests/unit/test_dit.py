@@ -144,6 +144,20 @@ def test_kv_bias_mask_scales_cached_key_probabilities() -> None:
     assert kv_bias_mask(slots, 1.0, dtype=torch.float32, device=CPU) is None
 
 
+def test_kv_bias_can_spare_the_first_cached_keys() -> None:
+    """Scope's rule: the recompute anchor (the first cached frame) keeps its weight."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 5, 8, generator=gen)
+    k, v = torch.randn(1, 2, 10, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+    slots = ChunkSlots(start_frame=2, num_frames=1, write_start=4, write_end=10)
+    mask = kv_bias_mask(slots, 0.25, dtype=torch.float32, device=CPU, spare_tokens=2)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
+    probs[..., 2:4] *= 0.25  # keys 0..1 spared, 2..3 biased, the chunk's own keys untouched
+    expected = (probs / probs.sum(-1, keepdim=True)) @ v
+    torch.testing.assert_close(sdpa(q, k, v, backend="math", attn_mask=mask), expected)
+    assert kv_bias_mask(slots, 0.25, dtype=torch.float32, device=CPU, spare_tokens=4) is None
+
+
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
 def test_kv_bias_out_of_range_is_rejected_before_the_cache_changes(bad: float) -> None:
     model, (xs, ctx) = _model(), _inputs(0, chunks=1)

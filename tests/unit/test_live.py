@@ -88,3 +88,21 @@ def test_status_counts_frames_fps_and_period_percentiles() -> None:
     assert got == [0, 1, 2, 3, 4] and st["frames_total"] == 60 and st["chunk_index"] == 4
     assert st["state"] == "running" and 0 < st["fps"] <= 12 / 0.02  # sleeps make periods >= 20 ms
     assert 15 < st["period_ms_p50"] <= st["period_ms_p99"]
+
+
+def test_a_prompt_without_a_precomputed_embedding_is_refused_at_submit() -> None:
+    """With --text-embeddings, serve refuses a prompt the file does not hold (a 4xx naming
+    the prompt), before it can reach Phase A, and the stream goes on with the current one."""
+
+    known = {"a city", "a harbour"}
+
+    def check(prompt: str) -> None:
+        if prompt not in known:
+            raise ConfigError(f"no embedding for prompt {prompt!r} [field=prompt]")
+
+    tl = LiveTimeline("a city", check)
+    with pytest.raises(ConfigError, match="a forest"):
+        tl.submit("a forest", "soft")
+    assert tl.current() == ("a city", None)
+    tl.submit("a harbour", "hard")
+    assert tl.current() == ("a city", "a harbour")

@@ -111,7 +111,7 @@ def test_forbidden_video_on_the_worker_plan() -> None:
 
 
 def test_pp_recompute_modes() -> None:
-    rejects(pp_infer(mode="r0"), EnvelopeError, "recompute_mode")
+    rejects(pp_infer(mode="r0"), EnvelopeError, "cache_policy")
     rejects(pp_infer(mode="off", recompute=True), PlanMismatchError, "do_kv_recompute")
     rejects(
         pp_infer(mode="rank0_anchor", context_frames_override=None),
@@ -126,7 +126,7 @@ def test_pp_recompute_modes() -> None:
     ("over", "field"),
     [
         ({"tp_plan": "full"}, "tp_plan"),
-        ({"tp_envelope_version": 2}, "tp_envelope_version"),
+        ({"tp_envelope_version": 1}, "tp_envelope_version"),  # the pre-cache_policy envelope
         ({"height": 40}, "height"),
         ({"width": 0}, "width"),
         ({"current_start_frame": -3}, "current_start_frame"),

@@ -51,7 +51,7 @@ def test_x0_from_flow_inverts_renoise() -> None:
         [1000, 1000, 500],
         [250, 500],
         [1001, 500],
-        [1000, 0],
+        [1000, 0, -1],
         [1000, -250],
         [1000.0, 500.0],
         [True],
@@ -78,3 +78,35 @@ def test_good_step_lists() -> None:
 def test_bad_scheduler_settings(kwargs: dict) -> None:
     with pytest.raises(ConfigError):
         FlowMatchScheduler(**kwargs)
+
+
+def _reference_table(shift: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference schedule as Self-Forcing / Krea / Scope build it (float32 throughout):
+    sigma_min 0 with one extra step dropped, i.e. linspace(1, 0, 1001)[:-1], then the shift."""
+    s = torch.linspace(1.0, 0.0, 1001)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * 1000
+
+
+def test_krea_zero_step_reads_the_table_floor() -> None:
+    """Krea's final step t = 0: fed 0, its sigma the table's last entry (0.004980), not 0."""
+    sched = FlowMatchScheduler(shift=5.0)
+    steps = torch.tensor([1000, 750, 500, 250, 0])
+    sigmas, table_t = _reference_table(5.0)
+    zero_padded = torch.cat([table_t, torch.zeros(1)])
+    want_fed = zero_padded[1000 - steps]  # Krea's get_denoising_schedule
+    assert torch.allclose(sched.timesteps(steps), want_fed, rtol=1e-6, atol=1e-4)
+    ids = (table_t.unsqueeze(0) - want_fed.unsqueeze(1)).abs().argmin(dim=1)  # the wrapper's lookup
+    assert torch.allclose(sched.sigmas(steps), sigmas[ids], rtol=1e-6)
+    assert abs(float(sched.sigmas(steps)[-1]) - 0.004980) < 1e-6
+
+
+def test_unwarped_steps_are_fed_raw_with_the_nearest_table_sigma() -> None:
+    """Scope's port: t fed as is, sigma by argmin over the table's timesteps."""
+    sched = FlowMatchScheduler(shift=5.0, warp=False)
+    steps = torch.tensor([1000, 750, 500, 250])
+    sigmas, table_t = _reference_table(5.0)
+    ids = (table_t.unsqueeze(0) - steps.float().unsqueeze(1)).abs().argmin(dim=1)
+    assert torch.equal(sched.timesteps(steps), steps.float())
+    assert torch.allclose(sched.sigmas(steps), sigmas[ids], rtol=1e-6)
+    assert not torch.allclose(sched.sigmas(steps), FlowMatchScheduler(shift=5.0).sigmas(steps))

@@ -1,4 +1,4 @@
-"""Hash text encoder: determinism (in and across processes), padding/truncation, blend."""
+"""Hash text encoder: determinism (in and across processes), padding/truncation, blend, pad_text."""
 
 from __future__ import annotations
 
@@ -12,7 +12,15 @@ import torch
 
 import streamdit
 from streamdit.errors import ConfigError
-from streamdit.model.text import EOS_ID, HashTextEncoder, TextEncoder, blend, token_id, tokenize
+from streamdit.model.text import (
+    EOS_ID,
+    HashTextEncoder,
+    TextEncoder,
+    blend,
+    pad_text,
+    token_id,
+    tokenize,
+)
 
 DIM, LEN, SEED = 64, 16, 3
 
@@ -114,3 +122,33 @@ def test_rejects_bad_arguments(enc: HashTextEncoder) -> None:
         enc.encode("a cat")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="text"):
         HashTextEncoder(0, LEN, seed=0)
+
+
+def test_pad_text_pads_rows_with_exact_zeros() -> None:
+    x = torch.randn(3, DIM)
+    out = pad_text(x, LEN)
+    assert out.shape == (LEN, DIM) and out.dtype == x.dtype
+    assert torch.equal(out[:3], x) and torch.count_nonzero(out[3:]) == 0
+    batched = pad_text(torch.randn(2, 5, DIM, dtype=torch.bfloat16), LEN)
+    assert batched.shape == (2, LEN, DIM) and batched.dtype == torch.bfloat16
+    assert torch.count_nonzero(batched[:, 5:]) == 0
+    # already text_len rows: equal values, but a new tensor (never a view of the input)
+    full = torch.randn(LEN, DIM)
+    same = pad_text(full, LEN)
+    assert torch.equal(same, full) and same.data_ptr() != full.data_ptr()
+
+
+def test_pad_text_rejects_too_long_and_bad_shapes() -> None:
+    with pytest.raises(ConfigError, match=r"17 rows is more than text_len=16.*\[field=text_embeddings\]"):
+        pad_text(torch.randn(LEN + 1, DIM), LEN)
+    with pytest.raises(ConfigError, match=r"\[field=embeds\.3\]"):
+        pad_text(torch.randn(1, LEN + 1, DIM), LEN, field="embeds.3")
+    with pytest.raises(ConfigError, match=r"need \[L, D\] or \[B, L, D\].*\[field=text_embeddings\]"):
+        pad_text(torch.randn(DIM), LEN)
+    with pytest.raises(ConfigError, match="text_len must be > 0"):
+        pad_text(torch.randn(2, DIM), 0)
+
+
+def test_hash_encoder_output_is_already_padded(enc: HashTextEncoder) -> None:
+    out = enc.encode(["a cat", "a dog on the beach"])
+    assert torch.equal(pad_text(out, LEN), out)

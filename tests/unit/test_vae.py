@@ -201,3 +201,43 @@ def test_cached_causal_conv_equals_one_shot_causal_conv() -> None:
         cache = CausalCache()
         steps = [conv(x[:, :, a:b], cache) for a, b in ((0, 1), (1, 5), (5, 6), (6, 9))]
         torch.testing.assert_close(torch.cat(steps, dim=2), conv(x))
+
+
+def test_krea_time_cache_rule(vae: CausalVideoVAE) -> None:
+    """Krea's decoder keeps [where(h_last == 0, 0, x_n), x_n] as each temporal upsample's
+    history (Wan2.1: [x_{n-1}, x_n]): the two agree for a stream's first 3 latent frames (its
+    first 9 pixel frames) and differ from the 4th on."""
+    from streamdit.model.vae import StreamingDecoder
+    from streamdit.model.vae_blocks import Resample
+
+    z = torch.randn(1, 5, 16, 4, 4, generator=torch.Generator().manual_seed(8))
+    wan = StreamingDecoder(vae).decode_chunk(z)
+    krea_dec = StreamingDecoder(vae, upsample_history="krea")
+    convs = [m.time_conv for m in vae.decoder.modules() if isinstance(m, Resample) and m.mode == "upsample3d"]
+    assert convs
+    seen: dict[int, list[torch.Tensor]] = {id(c): [] for c in convs}
+    hooks = [c.register_forward_pre_hook(lambda m, a: seen[id(m)].append(a[0].clone())) for c in convs]
+    before: dict[int, torch.Tensor | None] = {}
+    try:
+        pixels = []
+        for i in range(z.shape[1]):
+            before = {id(c): krea_dec.cache.get(c) for c in convs}
+            pixels.append(krea_dec.decode_chunk(z[:, i : i + 1]))
+    finally:
+        for h in hooks:
+            h.remove()
+    krea = torch.cat(pixels, dim=2)
+    assert krea.shape == wan.shape
+    assert torch.equal(krea[:, :, :9], wan[:, :, :9])
+    assert (krea[:, :, 9:] - wan[:, :, 9:]).abs().max() > 1e-3
+    one_frame = 0
+    for conv in convs:  # the history after the last step, stated independently of the code
+        x_n, prev = seen[id(conv)][-1], before[id(conv)]
+        assert prev is not None
+        if x_n.shape[2] >= 2:  # a layer fed 2+ frames keeps its last two, as Wan2.1 does
+            want = x_n[:, :, -2:]
+        else:
+            one_frame += 1
+            want = torch.cat([torch.where(prev[:, :, -1:] == 0, torch.zeros_like(x_n), x_n), x_n], dim=2)
+        assert torch.equal(krea_dec.cache.get(conv), want)
+    assert one_frame >= 1  # the first temporal upsample sees one frame per step: Krea's case

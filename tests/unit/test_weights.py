@@ -1,7 +1,8 @@
 """safetensors loading: round trips, wrapper-prefix stripping, key maps, and bad checkpoints.
 
-Every checkpoint is synthetic and written into tmp_path by the test. The DiT round trip is left
-to the DiT's own tests; here a stand-in with Wan2.1's DiT module names and the tiny VAE are used.
+Every checkpoint is synthetic and written into tmp_path by the test. Most tests use a stand-in
+with Wan2.1's DiT module names; the tiny VAE and the tiny CausalWanDiT round-trip too. The other
+file formats (shards, torch files, diffusers folders) are in test_checkpoint_formats.py.
 """
 
 from __future__ import annotations
@@ -15,11 +16,20 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from streamdit.errors import CheckpointError
+from streamdit.model.dit import CausalWanDiT
+from streamdit.model.keymaps import key_map_for
+from streamdit.model.presets import get_dit_config
 from streamdit.model.vae import CausalVideoVAE, get_vae_config
 from streamdit.model.weights import (
     DIFFUSERS_WAN_KEY_MAP,
+    check_checkpoint,
+    check_safetensors,
+    detect_layout,
+    diffusers_vae_key_map,
+    load_checkpoint_into,
     load_safetensors_into,
     map_key,
+    open_checkpoint,
     save_safetensors,
 )
 
@@ -222,3 +232,76 @@ def test_unreadable_file_names_the_file(tmp_path: Path, content: bytes) -> None:
         load_safetensors_into(_model(0), path)
     with pytest.raises(CheckpointError, match="absent.safetensors"):
         load_safetensors_into(_model(0), tmp_path / "absent.safetensors")
+
+
+def test_dit_round_trip_and_meta_check(tmp_path: Path) -> None:
+    cfg = get_dit_config("tiny")
+    src, dst = CausalWanDiT(cfg, "cpu"), CausalWanDiT(cfg, "cpu")
+    src.init_weights(0)
+    dst.init_weights(1)
+    path = tmp_path / "dit.safetensors"
+    save_safetensors(src, path, prefix="model.")
+    assert check_safetensors(CausalWanDiT(cfg, "meta"), path) == len(src.state_dict())
+    report = load_safetensors_into(dst, path)
+    assert _same(_state(src), _state(dst))
+    assert report.summary().startswith(f"loaded {len(src.state_dict())} tensors from {path}")
+
+
+def test_diffusers_layout_is_detected_by_the_new_api(tmp_path: Path) -> None:
+    src, dst = _model(0), _model(1)
+    path = _write(tmp_path / "d.safetensors", {_to_diffusers(k): v for k, v in src.state_dict().items()})
+    report = load_checkpoint_into(dst, open_checkpoint(path))
+    assert report.layout == "diffusers" and _same(_state(src), _state(dst))
+    plan = check_checkpoint(_model(2), path)  # a path works as a source too
+    assert plan.layout == "diffusers" and plan.mapping["proj_out.weight"] == "head.head.weight"
+
+
+def test_self_forcing_safetensors_defaults_to_generator(tmp_path: Path) -> None:
+    gen, ema, dst = _model(0), _model(1), _model(2)
+    tensors = {"generator.model." + k: v for k, v in gen.state_dict().items()}
+    tensors |= {"generator_ema.model." + k: v for k, v in ema.state_dict().items()}
+    tensors |= {"critic.head.weight": torch.zeros(2)}
+    path = _write(tmp_path / "sf.safetensors", tensors)
+    report = load_checkpoint_into(dst, path)
+    assert _same(_state(gen), _state(dst)) and report.selection == "generator"
+    assert len(report.ignored) == len(ema.state_dict()) + 1 and "EMA" in report.summary()
+    report = load_checkpoint_into(dst, open_checkpoint(path, select="ema"))
+    assert _same(_state(ema), _state(dst)) and report.notes == ()
+    # ignore_prefixes match the selected keys (here still carrying the wrapper's `model.`)
+    with pytest.raises(CheckpointError, match=r"missing: blocks\.1\."):
+        check_checkpoint(_model(3), open_checkpoint(path), ignore_prefixes=("model.blocks.1.",))
+
+
+@pytest.mark.parametrize(
+    ("diffusers_key", "wan_key"),
+    [
+        ("quant_conv.bias", "conv1.bias"),
+        ("post_quant_conv.weight", "conv2.weight"),
+        ("encoder.conv_in.weight", "encoder.conv1.weight"),
+        ("module.decoder.norm_out.gamma", "decoder.head.0.gamma"),
+        ("encoder.conv_out.bias", "encoder.head.2.bias"),
+        ("encoder.down_blocks.3.conv_shortcut.bias", "encoder.downsamples.3.shortcut.bias"),
+        ("encoder.down_blocks.0.norm2.gamma", "encoder.downsamples.0.residual.3.gamma"),
+        ("encoder.down_blocks.2.resample.1.weight", "encoder.downsamples.2.resample.1.weight"),
+        ("encoder.mid_block.attentions.0.to_qkv.weight", "encoder.middle.1.to_qkv.weight"),
+        ("decoder.mid_block.resnets.1.conv2.weight", "decoder.middle.2.residual.6.weight"),
+        ("decoder.up_blocks.0.resnets.0.norm1.gamma", "decoder.upsamples.0.residual.0.gamma"),
+        ("decoder.up_blocks.1.resnets.2.conv1.weight", "decoder.upsamples.6.residual.2.weight"),
+        ("decoder.up_blocks.1.upsamplers.0.time_conv.weight", "decoder.upsamples.7.time_conv.weight"),
+        ("decoder.up_blocks.3.resnets.2.conv2.bias", "decoder.upsamples.14.residual.6.bias"),
+    ],
+)
+def test_diffusers_vae_key_map_for_two_res_blocks(diffusers_key: str, wan_key: str) -> None:
+    """Wan2.1's real VAE has num_res_blocks=2: 4 decoder entries per level."""
+    assert map_key(diffusers_key, set(), key_map=diffusers_vae_key_map(2)) == wan_key
+    keys = [diffusers_key, "decoder.up_blocks.0.resnets.2.conv1.weight"]  # 3 resnets: 2 blocks
+    layout, inferred = key_map_for(keys)
+    assert layout == "diffusers" and map_key(diffusers_key, set(), key_map=inferred) == wan_key
+
+
+def test_detect_layout() -> None:
+    assert detect_layout(["blocks.0.self_attn.q.weight", "head.head.bias"]) == "wan"
+    assert detect_layout(["encoder.conv1.weight", "decoder.upsamples.2.time_conv.weight"]) == "wan"
+    assert detect_layout(["model.blocks.0.attn1.to_q.weight"]) == "diffusers"
+    assert detect_layout(["decoder.up_blocks.0.resnets.0.conv1.weight"]) == "diffusers"
+    assert detect_layout(["encoder.xquant_conv.weight"]) == "wan"  # markers start at a name

@@ -95,17 +95,18 @@ def sinusoidal_embedding(dim: int, timestep: Tensor) -> Tensor:
 
 
 def kv_bias_mask(
-    slots: ChunkSlots, kv_bias: float, *, dtype: torch.dtype, device: torch.device
+    slots: ChunkSlots, kv_bias: float, *, dtype: torch.dtype, device: torch.device, spare_tokens: int = 0
 ) -> Tensor | None:
     """Additive `[1, 1, 1, keys]` mask scaling cached keys' attention weight by `kv_bias`.
 
-    Cached keys (`[:write_start]`, earlier chunks) get `log(kv_bias)`; the chunk's own keys 0.
-    Returns None when it would be a no-op (kv_bias == 1 or nothing cached), so flash can run.
+    Cached keys (`[spare_tokens:write_start]`, earlier chunks) get `log(kv_bias)`; the first
+    `spare_tokens` cached keys (a recompute anchor the recipe spares) and the chunk's own keys 0.
+    Returns None when it would be a no-op (kv_bias == 1 or no biased key), so flash can run.
     """
-    if kv_bias == 1.0 or slots.write_start == 0:
+    if kv_bias == 1.0 or slots.write_start <= spare_tokens:
         return None
     mask = torch.zeros(slots.write_end, dtype=dtype, device=device)
-    mask[: slots.write_start] = math.log(kv_bias)
+    mask[spare_tokens : slots.write_start] = math.log(kv_bias)
     return mask.view(1, 1, 1, slots.write_end)
 
 
@@ -284,20 +285,23 @@ class CausalWanDiT(nn.Module):
         cross_cache: CrossAttnCache,
         start_frame: int,
         kv_bias: float = 1.0,
+        kv_bias_spare_frames: int = 0,
     ) -> Tensor:
         """Flow prediction for latent chunk `x` `[B, F, C, H, W]` at frames `start_frame + i`.
 
         `timestep` `[B]` in [0, 1000]; `context` raw text embeddings `[B, L, text_dim]` (read
         only when the cross cache is empty). Writes the chunk's K/V into `kv_cache` (overwriting
         the slot if this chunk is already there), then attends over every cached key.
-        `kv_bias` in (0, 1] multiplies the attention weight of keys from earlier chunks.
+        `kv_bias` in (0, 1] multiplies the attention weight of keys from earlier chunks, except
+        the first `kv_bias_spare_frames` cached frames.
         """
         grid = self._check_inputs(x, timestep, context, kv_cache, cross_cache, kv_bias)
         slots = kv_cache.begin_chunk(start_frame, grid[0])
         positions = torch.arange(grid[0], device=x.device) + start_frame
         rope = rope_angles(self.cfg.head_dim, positions, grid[1], grid[2])
         dtype = self.patch_embedding.weight.dtype
-        mask = kv_bias_mask(slots, kv_bias, dtype=dtype, device=x.device)
+        spare = kv_bias_spare_frames * kv_cache.tokens_per_frame
+        mask = kv_bias_mask(slots, kv_bias, dtype=dtype, device=x.device, spare_tokens=spare)
         if not cross_cache.filled:
             self._fill_cross_cache(context, cross_cache)
         layer_kvs = [kv_cache.layer(i) for i in range(len(self.blocks))]

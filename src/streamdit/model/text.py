@@ -1,7 +1,9 @@
 """Text conditioning behind an interface, with a deterministic dependency-free default.
 
 Owns: the `TextEncoder` protocol (what the pipeline needs from any text encoder), the default
-`HashTextEncoder`, its tokenizer, and `blend` for soft prompt transitions.
+`HashTextEncoder`, its tokenizer, `pad_text` (zero-padding embeddings to `text_len` rows, as Wan
+does before cross-attention) and `blend` for soft prompt transitions. The real umT5 encoder lives
+in umt5.py, precomputed embeddings in text_embeddings.py.
 Must not import: anything from streamdit except errors (model/ is torch-only, single device).
 
 `HashTextEncoder` stands in for Wan2.1's umT5-XXL: lowercase word/punctuation tokens → ids by a
@@ -56,6 +58,29 @@ def token_id(token: str, vocab_size: int) -> int:
     """Stable id in [2, vocab_size): blake2b of the UTF-8 token, the same in every process."""
     digest = hashlib.blake2b(token.encode("utf-8"), digest_size=8).digest()
     return _FIRST_WORD_ID + int.from_bytes(digest, "little") % (vocab_size - _FIRST_WORD_ID)
+
+
+def pad_text(embeds: Tensor, text_len: int, *, field: str = "text_embeddings") -> Tensor:
+    """Zero-pad embeddings [L, D] or [B, L, D] to `text_len` rows (a new tensor, never a view).
+
+    Wan's cross-attention runs over all `text_len` rows, so an unpadded conditioning changes the
+    output; rows beyond L are exactly 0. L > text_len raises ConfigError naming `field`.
+    """
+    if embeds.ndim not in (2, 3):
+        raise ConfigError(
+            f"{field}: need [L, D] or [B, L, D], got shape {tuple(embeds.shape)} [field={field}]"
+        )
+    if text_len <= 0:
+        raise ConfigError(f"{field}: text_len must be > 0, got {text_len} [field={field}]")
+    rows = embeds.shape[-2]
+    if rows > text_len:
+        raise ConfigError(
+            f"{field}: {rows} rows is more than text_len={text_len} (shape {tuple(embeds.shape)}) "
+            f"[field={field}]"
+        )
+    out = embeds.new_zeros((*embeds.shape[:-2], text_len, embeds.shape[-1]))
+    out[..., :rows, :] = embeds
+    return out
 
 
 def blend(a: Tensor, b: Tensor, alpha: float) -> Tensor:

@@ -243,11 +243,13 @@ class StreamingEncoder:
 
 
 class StreamingDecoder:
-    """Per-stream decoder state: `decode_chunk` continues the stream, `reset()` is a hard cut."""
+    """Per-stream decoder state: `decode_chunk` continues the stream, `reset()` is a hard cut.
 
-    def __init__(self, vae: CausalVideoVAE) -> None:
+    `upsample_history`: the temporal-upsample rule of the decoder (see `CausalCache`)."""
+
+    def __init__(self, vae: CausalVideoVAE, *, upsample_history: str = "wan2.1") -> None:
         self.vae = vae
-        self.cache = CausalCache()
+        self.cache = CausalCache(upsample_history)
 
     @property
     def latent_frames_seen(self) -> int:

@@ -29,9 +29,18 @@ class CausalCache:
     than by a running index, so the order in which layers run cannot silently misalign them.
     `steps` counts finished steps; the resample blocks treat step 0 specially (the first frame
     of a stream is compressed/expanded alone). `reset()` is a hard cut.
+
+    `upsample_history` is the rule of the decoder's temporal upsampling (the only place two
+    public decoders differ): "wan2.1" keeps [x_{n-1}, x_n] as the time conv's history, "krea"
+    (Krea Realtime's `vae_block3.py`) keeps [where(h_last == 0, 0, x_n), x_n], h_last being the
+    last frame of the previous history (zeros before step 1). Decodes agree for the first three
+    latent frames of a stream and differ from the fourth on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, upsample_history: str = "wan2.1") -> None:
+        if upsample_history not in ("wan2.1", "krea"):
+            raise ValueError(f"upsample_history must be wan2.1 or krea, got {upsample_history!r}")
+        self.upsample_history = upsample_history
         self._history: dict[nn.Module, Tensor] = {}
         self.steps = 0
 
@@ -164,7 +173,11 @@ class Resample(nn.Module):
 
     def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
         if self.mode == "upsample3d" and not cache.first_step:
+            before = cache.get(self.time_conv)
+            step_in = x
             x = self.time_conv(x, cache)
+            if cache.upsample_history == "krea":
+                cache.put(self.time_conv, _krea_history(before, step_in))
             b, c2, t, h, w = x.shape
             # channels [2, C] -> frames interleaved: out frame 2i+j comes from half j of frame i
             x = x.reshape(b, 2, c2 // 2, t, h, w)
@@ -177,6 +190,14 @@ class Resample(nn.Module):
                 assert prev is not None, "downsample3d history missing after step 0"
                 x = self.time_conv(torch.cat([prev, x], dim=2))
         return x
+
+
+def _krea_history(before: Tensor | None, x: Tensor) -> Tensor:
+    """Krea's time-conv history after a step: [where(h_last == 0, 0, x_n), x_n] (see CausalCache)."""
+    if x.shape[2] >= 2:
+        return x[:, :, -2:]
+    last = torch.zeros_like(x) if before is None else before[:, :, -1:]
+    return torch.cat([torch.where(last == 0, torch.zeros_like(x), x), x], dim=2)
 
 
 class ResidualBlock(nn.Module):

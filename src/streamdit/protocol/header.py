@@ -65,12 +65,16 @@ HEADER_LEN = len(HeaderField)
 
 @dataclass(frozen=True, slots=True)
 class Ids:
-    """Identity of one message (architecture.md, "Identity of work")."""
+    """Identity of one message and of the work it carries (architecture.md, "Identity of work").
+
+    The one id type of the codebase: the header carries it, every message exposes it, and the
+    runtime tags each chunk's work, log lines and errors with it.
+    """
 
     call_id: int
     chunk_index: int
     cache_epoch: int
-    control_epoch: int
+    control_epoch: int = 0
 
     def ctx(self, group: str | None = None) -> dict[str, int | str | None]:
         """Keyword arguments for IdError: the ids every error message must carry."""

@@ -40,6 +40,7 @@ _I, _F, _B, _S = FieldType.INT, FieldType.FLOAT, FieldType.BOOL, FieldType.STR
 # Exactly the scalar fields of the runtime's GeneratorInputs, in its order.
 PAYLOAD_SCALARS: Mapping[str, FieldType] = MappingProxyType(
     {
+        "cache_policy": _S,
         "height": _I,
         "width": _I,
         "current_start_frame": _I,
@@ -163,6 +164,7 @@ class Message:
 class _EnvelopePayload(Message):
     """The payload shared by TP and PP envelopes (= the runtime's GeneratorInputs fields)."""
 
+    cache_policy: str | None = None
     height: int | None = None
     width: int | None = None
     current_start_frame: int | None = None
@@ -225,15 +227,14 @@ class PPEnvelopeV1(_EnvelopePayload):
     """rank0 -> mesh leader (p2p on world), leader -> mesh (broadcast on mesh_pg)."""
 
     pp_envelope_version: int | None = None
-    recompute_mode: str | None = None
 
     KIND: ClassVar[Kind] = Kind.PP_ENVELOPE
     SCHEMA: ClassVar[Schema] = _schema(
-        {"pp_envelope_version": _I, "recompute_mode": _S, **PAYLOAD_SCALARS, "reason": _S},
+        {"pp_envelope_version": _I, **PAYLOAD_SCALARS, "reason": _S},
         PAYLOAD_TENSORS,
         ("video",),
     )
-    REQUIRED: ClassVar[tuple[str, ...]] = ("pp_envelope_version", "recompute_mode", *_REQ_ENVELOPE)
+    REQUIRED: ClassVar[tuple[str, ...]] = ("pp_envelope_version", *_REQ_ENVELOPE)
     RULES: ClassVar[Rules] = staticmethod(check_pp_envelope)
 
 

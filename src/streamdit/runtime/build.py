@@ -9,7 +9,13 @@ construct them). Constructors only allocate; nothing here runs inference or a co
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,13 +27,23 @@ from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import DiTConfig, get_dit_config
 from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
-from streamdit.model.text import HashTextEncoder
-from streamdit.model.vae import CausalVideoVAE, get_vae_config, pixel_frames
-from streamdit.model.weights import check_safetensors, load_safetensors_into
+from streamdit.model.text import HashTextEncoder, TextEncoder
+from streamdit.model.text_embeddings import PrecomputedTextEncoder, save_text_embeddings
+from streamdit.model.umt5 import UMT5TextEncoder, resolve_folder
+from streamdit.model.vae import CausalVideoVAE, VAEConfig, get_vae_config, pixel_frames
+from streamdit.model.weights import (
+    CheckpointSource,
+    check_checkpoint,
+    check_dit_config,
+    check_vae_config,
+    load_checkpoint_into,
+    open_checkpoint,
+)
 from streamdit.runtime.compile_health import CompileProbe
-from streamdit.runtime.generator import CacheGeometry, GeneratorRunner
+from streamdit.runtime.generator import CacheGeometry, GeneratorRunner, LoopRules
 from streamdit.runtime.timeline import Timeline
 
+log = logging.getLogger(__name__)
 DTYPE_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TEXT_SEED_OFFSET = 1  # text encoder and VAE weights get seeds distinct from the DiT's
 VAE_SEED_OFFSET = 2
@@ -70,10 +86,13 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     backend = resolve_attention_backend(cfg.attn_backend, device, dtype)
     validate_step_list(cfg.denoising_step_list)
     if cfg.checkpoint is not None:
-        check_safetensors(_meta_dit(dit), cfg.checkpoint)
+        with dit_checkpoint(cfg) as source:
+            if source.config is not None:
+                check_dit_config(dit, source.config)
+            check_checkpoint(_meta_dit(dit), source)
     timeline = Timeline.single(cfg.prompt)
     if not generator_only:
-        timeline = _validate_stage0_inputs(cfg, dtype)
+        timeline = _validate_stage0_inputs(cfg, dit, dtype)
     return ValidatedRun(
         cfg=cfg,
         dit=dit,
@@ -85,15 +104,70 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     )
 
 
-def _validate_stage0_inputs(cfg: RunConfig, dtype: torch.dtype) -> Timeline:
-    get_vae_config(cfg.vae_preset)
+def _validate_stage0_inputs(cfg: RunConfig, dit: DiTConfig, dtype: torch.dtype) -> Timeline:
+    vae_cfg = vae_config(cfg)
     timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
+    _validate_text(cfg, dit, timeline)
     if cfg.input_video is not None:
         probe_video(cfg.input_video)
     if cfg.vae_checkpoint is not None:
-        meta_vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=torch.device("meta"), dtype=dtype)
-        check_safetensors(meta_vae, cfg.vae_checkpoint)
+        with vae_checkpoint(cfg) as source:
+            if source.config is not None:
+                check_vae_config(vae_cfg, source.config)
+            check_checkpoint(CausalVideoVAE(vae_cfg, device=torch.device("meta"), dtype=dtype), source)
     return timeline
+
+
+def dit_checkpoint(cfg: RunConfig) -> CheckpointSource:
+    assert cfg.checkpoint is not None
+    return open_checkpoint(cfg.checkpoint, select=cfg.checkpoint_select, component="transformer")
+
+
+def vae_checkpoint(cfg: RunConfig) -> CheckpointSource:
+    assert cfg.vae_checkpoint is not None
+    return open_checkpoint(cfg.vae_checkpoint, component="vae")
+
+
+def vae_config(cfg: RunConfig) -> VAEConfig:
+    """The VAE preset with its latent statistics: Wan2.1's for real (checkpoint) weights unless
+    --latent-norm says otherwise; identity for synthetic ones."""
+    norm = cfg.latent_norm
+    if norm == "auto":
+        norm = "wan2.1" if cfg.vae_checkpoint is not None else "identity"
+    return dataclasses.replace(get_vae_config(cfg.vae_preset), latent_norm=norm)
+
+
+def _validate_text(cfg: RunConfig, dit: DiTConfig, timeline: Timeline) -> None:
+    """The text source must fit the DiT's text path, and precomputed embeddings must cover every
+    prompt of the timeline (a live prompt without one is refused when it is submitted)."""
+    if cfg.text_encoder is not None:
+        model_dir, _ = resolve_folder(cfg.text_encoder)
+        d_model = _json_field(model_dir / "config.json", "d_model")
+        if d_model != dit.text_dim:
+            raise ConfigError(
+                f"text encoder {model_dir} outputs d_model={d_model}, the {dit.name} DiT takes "
+                f"text_dim={dit.text_dim} [field=text_encoder]"
+            )
+    if cfg.text_embeddings is not None:
+        table = PrecomputedTextEncoder.load(cfg.text_embeddings, text_len=dit.text_len, text_dim=dit.text_dim)
+        table.check_prompts(e.prompt for e in timeline.entries)
+
+
+def live_prompt_check(cfg: RunConfig) -> Callable[[str], None] | None:
+    """serve with precomputed embeddings: the check a submitted prompt passes (a 4xx naming the
+    prompt otherwise, and the stream goes on)."""
+    if cfg.text_embeddings is None:
+        return None
+    dit = get_dit_config(cfg.preset)
+    table = PrecomputedTextEncoder.load(cfg.text_embeddings, text_len=dit.text_len, text_dim=dit.text_dim)
+    return lambda prompt: table.check_prompts([prompt])
+
+
+def _json_field(path: Path, name: str) -> object:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get(name)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc} [field=text_encoder]") from exc
 
 
 def _meta_dit(dit: DiTConfig) -> CausalWanDiT:
@@ -104,7 +178,8 @@ def build_model(run: ValidatedRun) -> CausalWanDiT:
     """The full (unsharded) DiT with checkpoint or seeded weights; TP shards it afterwards."""
     model = CausalWanDiT(run.dit, device=run.device, dtype=run.dtype, attn_backend=run.attn_backend)
     if run.cfg.checkpoint is not None:
-        load_safetensors_into(model, run.cfg.checkpoint)
+        with dit_checkpoint(run.cfg) as source:
+            log.info("DiT weights: %s", load_checkpoint_into(model, source).summary())
     else:
         model.init_weights(run.cfg.seed)
     return model.eval()
@@ -128,32 +203,80 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
         # off: a break is counted and judged by compile_health's budget (C-02), with dynamo's
         # reasons, instead of an exception at the first trace.
         model.compile_blocks(backend=probe, fullgraph=False)
+    recipe = cfg.recipe_spec
     runner = GeneratorRunner(
         model,
-        scheduler=FlowMatchScheduler(shift=cfg.shift),
+        scheduler=FlowMatchScheduler(shift=cfg.shift, warp=recipe.warp_timesteps),
         geometry=CacheGeometry(height=cfg.height, width=cfg.width),
         capacity_frames=cfg.local_attn_frames,
         sink_frames=cfg.sink_frames,
         device=run.device,
         dtype=run.dtype,
-        latent_anchor_frames=cfg.context_frames if cfg.recompute == "r0" else 0,
+        rules=LoopRules(
+            recompute_text=recipe.recompute_text,
+            bias_skips_anchor=recipe.bias_skips_anchor,
+            context_frames=cfg.context_frames,
+        ),
     )
     runner.compile_probe = probe
     return runner
 
 
-def build_stage0_parts(run: ValidatedRun) -> tuple[HashTextEncoder, CausalVideoVAE]:
-    cfg = run.cfg
-    text = HashTextEncoder(
-        run.dit.text_dim,
-        run.dit.text_len,
-        seed=cfg.seed + TEXT_SEED_OFFSET,
-        device=run.device,
-        dtype=run.dtype,
+def build_text_encoder(run: ValidatedRun) -> TextEncoder:
+    """rank0's text source: umT5 from a local folder (bf16 on CUDA), precomputed embeddings, or
+    the offline hash stand-in."""
+    cfg, dit = run.cfg, run.dit
+    if cfg.text_encoder is not None:
+        dtype = torch.bfloat16 if run.device.type == "cuda" else torch.float32
+        t0 = time.perf_counter()
+        encoder = UMT5TextEncoder.from_folder(
+            cfg.text_encoder, text_len=dit.text_len, device=run.device, dtype=dtype, expect_dim=dit.text_dim
+        )
+        params = sum(p.numel() for p in encoder.model.parameters())
+        log.info(
+            "text encoder: umT5 from %s (%s parameters, %s on %s) in %.1f s",
+            cfg.text_encoder, f"{params:,}", dtype, run.device, time.perf_counter() - t0,
+        )  # fmt: skip
+        return encoder
+    if cfg.text_embeddings is not None:
+        table = PrecomputedTextEncoder.load(
+            cfg.text_embeddings,
+            text_len=dit.text_len,
+            text_dim=dit.text_dim,
+            device=run.device,
+            dtype=run.dtype,
+        )
+        log.info("text embeddings: %d prompts from %s", len(table.known_prompts()), cfg.text_embeddings)
+        return table
+    log.info("text: the hash stand-in (no --text-encoder / --text-embeddings)")
+    return HashTextEncoder(
+        dit.text_dim, dit.text_len, seed=cfg.seed + TEXT_SEED_OFFSET, device=run.device, dtype=run.dtype
     )
-    vae = CausalVideoVAE(get_vae_config(cfg.vae_preset), device=run.device, dtype=run.dtype)
+
+
+def encode_text_file(cfg: RunConfig, prompts: list[str], out: Path) -> int:
+    """`streamdit encode-text`: the embeddings of `prompts` (and the timeline's), as rank0 would
+    compute them, written for `--text-embeddings`. Returns how many were written."""
+    if out.suffix != ".safetensors":
+        raise ConfigError(f"{out}: embeddings are written as .safetensors [field=out]")
+    run = validate_run(cfg)
+    every = [*prompts, *(e.prompt for e in run.timeline.entries)] if cfg.timeline else list(prompts)
+    unique = list(dict.fromkeys(p for p in every if p.strip()))
+    if not unique:
+        raise ConfigError("no prompt to encode: give --prompt or --timeline [field=prompt]")
+    encoder = build_text_encoder(run)
+    save_text_embeddings(out, {p: encoder.encode([p])[0].float().cpu() for p in unique})
+    return len(unique)
+
+
+def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE]:
+    cfg = run.cfg
+    text = build_text_encoder(run)
+    vae = CausalVideoVAE(vae_config(cfg), device=run.device, dtype=run.dtype)
+    log.info("VAE latent statistics: %s", vae.cfg.latent_norm)
     if cfg.vae_checkpoint is not None:
-        load_safetensors_into(vae, cfg.vae_checkpoint)
+        with vae_checkpoint(cfg) as source:
+            log.info("VAE weights: %s", load_checkpoint_into(vae, source).summary())
     else:
         vae.init_weights(cfg.seed + VAE_SEED_OFFSET)
     vae.eval()

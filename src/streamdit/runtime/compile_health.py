@@ -36,8 +36,9 @@ from streamdit.errors import CompileHealthError
 from streamdit.model.presets import DiTConfig
 from streamdit.parallel.collectives import gather_at_startup
 from streamdit.parallel.groups import GroupHandle
+from streamdit.protocol.header import Ids
 from streamdit.runtime.generator import GeneratorRunner
-from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, seeded_normal
+from streamdit.runtime.plan import GeneratorInputs, chunk_plan, seeded_normal
 from streamdit.runtime.stage0 import LATENT_CHANNELS
 
 log = logging.getLogger(__name__)
@@ -103,9 +104,10 @@ def warmup_chunks(
 ) -> list[GeneratorInputs]:
     """Enough chunks to reach the steady state every later chunk runs in, then one soft one.
 
-    Chunk 0 initializes the cache; later chunks recompute (when the regime does) until the KV
-    window is full and evicting, so every slot-bound variant a stream meets is compiled here;
-    the last chunk carries the soft-transition KV bias (a masked attention variant).
+    Chunk 0 initializes the cache; later chunks follow the run's cache policy (recompute,
+    append) until the KV window is full and evicting, so every slot-bound variant a stream meets
+    is compiled here; the last chunk is a soft transition (under the recipe's bias rule: the
+    masked attention variant). Plans come from `chunk_plan`, as Phase A's do.
     """
     steady = cfg.window_fill_chunks
     steps = torch.tensor(cfg.denoising_step_list, dtype=torch.int64)
@@ -115,10 +117,11 @@ def warmup_chunks(
     chunks = []
     for k in range(steady + 1):
         init = k == 0
-        plan = PhasePlan.build(do_kv_recompute=cfg.kv_recompute and not init, num_denoise_steps=len(steps))
-        ships_ctx = plan.do_kv_recompute and cfg.recompute == "r0a"
+        plan, bias = chunk_plan(cfg, init=init, soft_active=k == steady)
+        ships_ctx = plan.do_kv_recompute and plan.cache_policy.ships_context
         chunks.append(
             GeneratorInputs(
+                cache_policy=plan.cache_policy.value,
                 height=cfg.height,
                 width=cfg.width,
                 current_start_frame=k * cfg.frames_per_chunk,
@@ -126,7 +129,7 @@ def warmup_chunks(
                 reset_kv_cache=init,
                 reset_crossattn_cache=init,
                 conditioning_updated=init,
-                kv_cache_attention_bias=cfg.soft_bias if k == steady else 1.0,
+                kv_cache_attention_bias=bias,
                 do_kv_recompute=plan.do_kv_recompute,
                 num_denoise_steps=plan.num_denoise_steps,
                 expected_generator_calls=plan.expected_generator_calls,
@@ -147,13 +150,13 @@ def measure(runner: GeneratorRunner, probe: CompileProbe, cfg: RunConfig, dit: D
     before = _dynamo_totals()
     chunks = warmup_chunks(cfg, dit, runner.device, runner.dtype)
     for k, inputs in enumerate(chunks):
-        runner.run(inputs, ChunkIds(call_id=k, chunk_index=k, cache_epoch=0))
+        runner.run(inputs, Ids(call_id=k, chunk_index=k, cache_epoch=0))
     after = _dynamo_totals()
     compiled, ran, calls = probe.graphs_compiled, probe.graph_calls, runner.calls_made
     steady = chunks[-2]  # bias 1.0, window full: what almost every chunk of a stream looks like
     runner.run(
         _shifted(steady, len(chunks) * cfg.frames_per_chunk),
-        ChunkIds(call_id=len(chunks), chunk_index=len(chunks), cache_epoch=0),
+        Ids(call_id=len(chunks), chunk_index=len(chunks), cache_epoch=0),
     )
     per_call = math.ceil((probe.graph_calls - ran) / max(runner.calls_made - calls, 1))
     return CompileCounters(
@@ -285,7 +288,7 @@ def eager_warmup(
     t0 = time.perf_counter()
     chunks = warmup_chunks(cfg, dit, runner.device, runner.dtype)
     for k, inputs in enumerate(chunks):
-        runner.run(inputs, ChunkIds(call_id=k, chunk_index=k, cache_epoch=0))
+        runner.run(inputs, Ids(call_id=k, chunk_index=k, cache_epoch=0))
     if runner.device.type == "cuda":  # the first-use work is done, not merely queued
         torch.cuda.current_stream(runner.device).synchronize()
     warm_s = time.perf_counter() - t0

@@ -3,9 +3,9 @@
 Owns: `StreamOutputs` (the output files and summary every rank0 loop shares) and `drive()`,
 which owns the output video, the metrics file and the progress bar for one
 stream, honours drain requests between chunks, and closes every file in `finally` so a crash
-or a signal leaves a valid video. Topologies plug in two hooks: `publish` (TP: broadcast the
-chunk's envelope to the workers before rank0 runs its own shard) and `check` (drift digests
-after Phase B). `single` passes neither.
+or a signal leaves a valid video. Phase B is the rank's `PhaseB` unit (its digests included);
+topologies plug in one hook: `publish` (TP: broadcast the chunk's envelope to the workers before
+rank0 runs its own shard). `single` passes none.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.media import NullWriter, VideoWriter, open_writer
+from streamdit.protocol.header import Ids
 from streamdit.runtime.faults import FaultPlan
-from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
-from streamdit.runtime.plan import ChunkIds, GeneratorInputs
+from streamdit.runtime.phase_b import PhaseB
+from streamdit.runtime.plan import GeneratorInputs
 from streamdit.runtime.stage0 import Stage0
 
 log = logging.getLogger(__name__)
 
-Publish = Callable[[ChunkIds, GeneratorInputs], None]
-Check = Callable[[ChunkIds, GeneratorInputs, torch.Tensor], None]
+Publish = Callable[[Ids, GeneratorInputs], None]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -103,12 +103,11 @@ def drive(
     *,
     chunks: int,
     stage0: Stage0,
-    runner: GeneratorRunner,
+    phase_b: PhaseB,
     device: torch.device,
     faults: FaultPlan,
     stop: StopFlag,
     publish: Publish | None = None,
-    check: Check | None = None,
     guard: threading.Lock | None = None,
     live: LiveStream | None = None,
     keepalive: Callable[[], None] | None = None,
@@ -131,12 +130,9 @@ def drive(
                 publish(ids, inputs)
             sync(device)
             t1 = time.perf_counter()
-            faults.before_generator(k)
-            calls_before = runner.calls_made
-            latents = runner.run(inputs, ids)
-            faults.after_generator(k, latents)
-            if check is not None:
-                check(ids, inputs, latents)
+            calls_before = phase_b.runner.calls_made
+            latents = phase_b.infer(ids, inputs)
+            faults.received(k, latents)
             sync(device)
             t2 = time.perf_counter()
             frames = stage0.finish(latents)
@@ -148,11 +144,12 @@ def drive(
                 cache_epoch=ids.cache_epoch,
                 call_id=ids.call_id,
                 frames=int(frames.shape[0]),
-                generator_calls=runner.calls_made - calls_before,
+                generator_calls=phase_b.runner.calls_made - calls_before,
                 phase_a_ms=(t1 - t0) * 1e3,
                 phase_b_ms=(t2 - t1) * 1e3,
                 phase_c_ms=(t3 - t2) * 1e3,
                 transition=notes.transition,
+                text_ms=notes.text_ms,
                 kv_recompute=inputs.do_kv_recompute,
             )
             metrics.write(record)

@@ -1,8 +1,17 @@
 """Named fault-injection points for break-it tests, switched by STREAMDIT_TEST_* settings.
 
 Owns: `FaultPlan`, parsed once from `RunConfig.test_hooks`. The hooks are parity keys (equal on
-every rank), so a hook can never create a conditional collective. Production code asks the
-plan at a named point; with no hooks set every point is inert.
+every rank), so a hook can never create a conditional collective. With no hooks set every point
+is inert. A generator rank arms the plan once (`arm`, at bring-up, before the fingerprint check
+and the warm-up), then Phase B passes two named points per chunk; rank0's loops pass the rest:
+
+- `arm` (every generator rank, bring-up): a mutated weight, graph breaks, extra calls, a slow
+  first call;
+- `phase_b_in` (every generator rank, before a chunk): a crash, a mid-stream weight mutation,
+  perturbed inputs; `phase_b_out` (after it): the stage-1 cost of the O rows;
+- `shipped` (rank0, the envelope it sends): an inconsistent plan (OM-03, OM-07);
+- `received` (rank0, the generator output it decodes): latents dumped for equivalence tests;
+- `stage_cost(0)` (rank0, Phase C): the stage-0 cost of the O rows.
 """
 
 from __future__ import annotations
@@ -17,6 +26,8 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import ConfigError
+from streamdit.protocol.header import Ids
+from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.plan import GeneratorInputs
 
 
@@ -92,11 +103,38 @@ class FaultPlan:
             dump_latents=Path(raw) if (raw := cfg.hook("DUMP_LATENTS")) else None,
         )
 
-    def before_generator(self, chunk_index: int) -> None:
-        if self.crash_at_chunk is not None and chunk_index == self.crash_at_chunk:
-            raise InjectedFault(f"injected crash at chunk {chunk_index} (STREAMDIT_TEST_CRASH_AT_CHUNK)")
+    def arm(self, runner: GeneratorRunner, rank: int) -> None:
+        """Bring-up of a generator rank: every startup hook, in one call (before the fingerprint
+        check, so a mutated replicated weight is caught there, and before any compile trace)."""
+        self._mutate(runner.model, rank, None)
+        if self.graph_break_rank == rank:
+            for block in runner.model.get_submodule("blocks"):
+                block.get_submodule("ffn").register_forward_pre_hook(_graph_break)
+        runner.extra_calls = self.extra_generator_calls
+        runner.first_call_ms = self.first_call_ms
 
-    def after_generator(self, chunk_index: int, latents: torch.Tensor) -> None:
+    def phase_b_in(
+        self, rank: int, ids: Ids, inputs: GeneratorInputs, model: torch.nn.Module
+    ) -> GeneratorInputs:
+        """A generator rank about to run a chunk: the inputs it will act on."""
+        if self.crash_at_chunk is not None and ids.chunk_index == self.crash_at_chunk:
+            raise InjectedFault(f"injected crash at chunk {ids.chunk_index} (STREAMDIT_TEST_CRASH_AT_CHUNK)")
+        self._mutate(model, rank, ids.chunk_index)
+        if self.perturb_input_rank == rank:
+            return dataclasses.replace(inputs, latents=inputs.latents + 1e-3)
+        return inputs
+
+    def phase_b_out(self) -> None:
+        self.stage_cost(1)
+
+    def shipped(self, chunk_index: int, inputs: GeneratorInputs) -> GeneratorInputs:
+        """The inputs rank0 puts in the envelope of `chunk_index`."""
+        if self.bad_plan_at_chunk != chunk_index:
+            return inputs
+        return dataclasses.replace(inputs, expected_generator_calls=inputs.expected_generator_calls + 1)
+
+    def received(self, chunk_index: int, latents: torch.Tensor) -> None:
+        """rank0 holds the generator output of `chunk_index` (about to decode it)."""
         if self.dump_latents is not None:
             self.dump_latents.mkdir(parents=True, exist_ok=True)
             np.save(self.dump_latents / f"chunk{chunk_index:04d}.npy", latents.float().cpu().numpy())
@@ -116,30 +154,12 @@ class FaultPlan:
             return self.backend_override[1]
         return resolved
 
-    def add_graph_breaks(self, model: torch.nn.Module, rank: int) -> None:
-        """C-03: on `graph_break_rank`, a forward pre-hook in each block's FFN breaks the graph."""
-        if self.graph_break_rank != rank:
-            return
-        blocks = model.get_submodule("blocks")
-        for block in blocks:
-            block.get_submodule("ffn").register_forward_pre_hook(_graph_break)
-
-    def mutate_weights(self, model: torch.nn.Module, rank: int, chunk_index: int | None = None) -> None:
-        """At startup (`chunk_index` None) or before Phase B of `mutate_weight_at_chunk`."""
+    def _mutate(self, model: torch.nn.Module, rank: int, chunk_index: int | None) -> None:
+        """OM-12: at startup (`chunk_index` None) or before Phase B of `mutate_weight_at_chunk`."""
         if self.mutate_weight_rank == rank and chunk_index == self.mutate_weight_at_chunk:
             param = model.get_parameter("head.modulation")  # replicated under TP
             with torch.no_grad():
                 param.add_(1e-3)
-
-    def corrupt_plan(self, chunk_index: int, inputs: GeneratorInputs) -> GeneratorInputs:
-        if self.bad_plan_at_chunk != chunk_index:
-            return inputs
-        return dataclasses.replace(inputs, expected_generator_calls=inputs.expected_generator_calls + 1)
-
-    def perturb_inputs(self, inputs: GeneratorInputs, rank: int) -> GeneratorInputs:
-        if self.perturb_input_rank != rank:
-            return inputs
-        return dataclasses.replace(inputs, latents=inputs.latents + 1e-3)
 
 
 def _graph_break(_module: torch.nn.Module, _args: object) -> None:

@@ -2,9 +2,15 @@
 
 Owns: `GeneratorRunner`, which holds the DiT, its KV and cross-attention caches and the flow
 scheduler, and turns one `GeneratorInputs` into denoised latents. It acts only on the inputs it
-is given (reset bits, plan, tensors): it never infers a reset, never encodes text, never touches
-the VAE, and asserts the number of generator calls against the plan before returning. TP and PP
-run this same object on other ranks.
+is given (cache policy, reset bits, plan, tensors) and on the recipe's fixed `LoopRules`: it
+never infers a reset, never encodes text, never touches the VAE, and asserts the number of
+generator calls against the plan before returning. Every topology runs this same object (through
+`phase_b.PhaseB`) on every generator rank.
+
+One chunk, by cache policy (protocol.policy): `rank0_anchor` / `latent_anchor` chunks after an
+epoch's first rebuild the cache from 3 clean context frames (one call at t = 0, no KV bias, at the
+frames just before the chunk) and then denoise; `append` chunks denoise and then write their own
+clean K/V (one call at t = 0 on x0 at the chunk's frames); `off` chunks only denoise.
 """
 
 from __future__ import annotations
@@ -19,12 +25,26 @@ from streamdit.errors import PlanError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.scheduler import FlowMatchScheduler
-from streamdit.runtime.plan import ChunkIds, GeneratorInputs, mix_seed, seeded_normal
+from streamdit.protocol.header import Ids
+from streamdit.protocol.policy import CachePolicy
+from streamdit.runtime.plan import GeneratorInputs, id_kwargs, mix_seed, seeded_normal
 
 if TYPE_CHECKING:
     from streamdit.runtime.compile_health import CompileProbe
 
 RENOISE_STREAM = 1  # seed stream of the per-step re-noise draws (Phase A uses stream 0)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopRules:
+    """The recipe's fixed Phase B rules (equal on every rank: the recipe is a parity key)."""
+
+    recompute_text: str = "current"
+    """"previous": the recompute attends to the text of the chunk before (Krea)."""
+    bias_skips_anchor: bool = False
+    """The KV bias spares the recompute anchor (Scope)."""
+    context_frames: int = 3
+    """Clean frames of a recompute (anchor + most recent): the latent-anchor window of r0."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,12 +70,12 @@ class GeneratorRunner:
         sink_frames: int,
         device: torch.device,
         dtype: torch.dtype,
-        latent_anchor_frames: int = 0,
+        rules: LoopRules | None = None,
     ) -> None:
         self.model = model
-        # Recompute r0: > 0 = this runner builds each chunk's context itself, from the first
-        # latent frame of the epoch plus its most recent outputs (latent_anchor_frames in all).
-        self.latent_anchor_frames = latent_anchor_frames
+        self.rules = rules or LoopRules()
+        # latent_anchor (r0): this runner builds each chunk's context itself, from the epoch's
+        # first latent frame plus its most recent outputs (rules.context_frames in all)
         self._first_latent: torch.Tensor | None = None
         self._recent: torch.Tensor | None = None
         self.scheduler = scheduler
@@ -93,15 +113,24 @@ class GeneratorRunner:
         )
 
     @torch.no_grad()
-    def run(self, inputs: GeneratorInputs, ids: ChunkIds) -> torch.Tensor:
+    def run(self, inputs: GeneratorInputs, ids: Ids) -> torch.Tensor:
         """Denoise one chunk; returns x0 latents `[1, F, 16, h, w]`."""
-        inputs.check(ids, latent_anchor=self.latent_anchor_frames > 0)
-        self._apply_resets(inputs, ids)
+        inputs.check(ids)
+        policy = inputs.policy
+        # Krea recomputes before the chunk's prompt update: its cross-attention cache still
+        # holds the previous chunk's text K/V, so a text change resets it only afterwards.
+        keep_text = inputs.do_kv_recompute and self.rules.recompute_text == "previous"
+        self._apply_resets(inputs, ids, keep_text=keep_text)
         text = inputs.conditioning_embeds.to(self.device, self.dtype)
         start = self.calls_made
         if inputs.do_kv_recompute:
-            self._recompute(inputs, text)
-        x0 = self._denoise(inputs, text)
+            self._recompute(inputs, text, ids, previous_text=keep_text)
+            if keep_text and (inputs.reset_crossattn_cache or inputs.conditioning_updated):
+                self.cross_cache.reset()
+        spare = 1 if inputs.do_kv_recompute and self.rules.bias_skips_anchor else 0
+        x0 = self._denoise(inputs, text, spare)
+        if policy is CachePolicy.APPEND:  # the chunk's clean K/V, at its own frames
+            self._call(x0, 0.0, text, inputs.current_start_frame, 1.0)
         for _ in range(self.extra_calls):
             self._call(x0, 0.0, text, inputs.current_start_frame, inputs.kv_cache_attention_bias)
         inputs.plan.assert_observed(self.calls_made - start, ids)
@@ -109,16 +138,14 @@ class GeneratorRunner:
         return x0
 
     def _remember(self, x0: torch.Tensor) -> None:
-        """r0: keep the epoch's first latent frame and the latest outputs (the next anchor)."""
-        if not self.latent_anchor_frames:
-            return
+        """Keep the epoch's first latent frame and the latest outputs (r0's next anchor)."""
         if self._first_latent is None:
             self._first_latent = x0[:, :1].clone()
-        keep = self.latent_anchor_frames - 1
+        keep = self.rules.context_frames - 1
         joined = x0 if self._recent is None else torch.cat([self._recent, x0], dim=1)
         self._recent = joined[:, joined.shape[1] - keep :].clone()
 
-    def _apply_resets(self, inputs: GeneratorInputs, ids: ChunkIds) -> None:
+    def _apply_resets(self, inputs: GeneratorInputs, ids: Ids, *, keep_text: bool) -> None:
         geometry = CacheGeometry(height=inputs.height, width=inputs.width)
         if geometry != self.geometry:
             if not inputs.init_cache:
@@ -126,7 +153,7 @@ class GeneratorRunner:
                     f"geometry {inputs.height}x{inputs.width} differs from the cache's "
                     f"{self.geometry.height}x{self.geometry.width} without init_cache",
                     field="height",
-                    **ids.as_kwargs(),
+                    **id_kwargs(ids),
                 )
             self.geometry = geometry
             self.kv_cache = self._allocate_kv(geometry)
@@ -134,26 +161,36 @@ class GeneratorRunner:
             self.kv_cache.reset()
         if inputs.init_cache:
             self._first_latent = self._recent = None
-        if inputs.init_cache or inputs.reset_crossattn_cache or inputs.conditioning_updated:
+        text_changed = inputs.reset_crossattn_cache or inputs.conditioning_updated
+        if inputs.init_cache or (text_changed and not keep_text):
             self.cross_cache.reset()
 
-    def _recompute(self, inputs: GeneratorInputs, text: torch.Tensor) -> None:
+    def _recompute(
+        self, inputs: GeneratorInputs, text: torch.Tensor, ids: Ids, *, previous_text: bool
+    ) -> None:
         """Rebuild the cache from clean context frames: one call at timestep 0, no KV bias."""
         ctx = inputs.context_frames_override
-        if self.latent_anchor_frames:
+        if inputs.policy is CachePolicy.LATENT_ANCHOR:
             if self._first_latent is None or self._recent is None:
                 raise PlanError(
                     "recompute r0 without a previous chunk in this epoch (do_kv_recompute on the "
                     "epoch's first chunk)",
                     field="do_kv_recompute",
+                    **id_kwargs(ids),
                 )
             ctx = torch.cat([self._first_latent, self._recent], dim=1)
+        if previous_text and not self.cross_cache.filled:
+            raise PlanError(
+                "the recompute attends to the previous chunk's text, but no text is cached",
+                field="conditioning_embeds",
+                **id_kwargs(ids),
+            )
         assert ctx is not None  # GeneratorInputs.check enforces it
         ctx = ctx.to(self.device, self.dtype)
         self.kv_cache.reset()
         self._call(ctx, 0.0, text, inputs.current_start_frame - ctx.shape[1], 1.0)
 
-    def _denoise(self, inputs: GeneratorInputs, text: torch.Tensor) -> torch.Tensor:
+    def _denoise(self, inputs: GeneratorInputs, text: torch.Tensor, spare: int) -> torch.Tensor:
         steps = inputs.denoising_step_list.to("cpu", torch.int64)
         sigmas = self.scheduler.sigmas(steps)
         # The generator is conditioned on the warped timestep 1000·sigma(t) (Self-Forcing).
@@ -168,6 +205,7 @@ class GeneratorRunner:
                 text,
                 inputs.current_start_frame,
                 inputs.kv_cache_attention_bias,
+                spare,
             )
             x0 = self.scheduler.x0_from_flow(x, v, float(sigmas[i]))
             if i + 1 < len(steps):
@@ -178,7 +216,7 @@ class GeneratorRunner:
         return x0
 
     def _call(
-        self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float
+        self, x: torch.Tensor, t: float, text: torch.Tensor, start_frame: int, bias: float, spare: int = 0
     ) -> torch.Tensor:
         if self.first_call_ms and self.calls_made == 0:
             time.sleep(self.first_call_ms / 1e3)
@@ -191,6 +229,7 @@ class GeneratorRunner:
             cross_cache=self.cross_cache,
             start_frame=start_frame,
             kv_bias=bias,
+            kv_bias_spare_frames=spare,
         )
         self.calls_made += 1
         return out

@@ -4,7 +4,7 @@ Owns:
 - `LiveTimeline`: a prompt source steered while the stream runs. A submitted prompt takes effect
   at the next chunk boundary: the first chunk Phase A prepares after the submission. A "hard"
   change is an immediate cut (a live user's cut: the old scene still in flight under pp is
-  dropped); "soft" blends over `blend_chunks` chunks.
+  dropped); "soft" blends over the run's `blend_chunks` chunks.
 - `LiveStream`: run state (running / paused / stopping), the chunk boundary the rank0 loop waits
   at while paused (calling a keepalive so peers blocked on the next message do not time out), the
   per-chunk record of what was emitted (FPS, chunk period percentiles, epoch, queue depths) and
@@ -60,8 +60,8 @@ def check_prompt(prompt: object, transition: object) -> tuple[str, str]:
 class LiveTimeline:
     """A timeline that grows while the stream runs (see the module docstring)."""
 
-    def __init__(self, prompt: str, *, blend_chunks: int = 2) -> None:
-        self.blend_chunks = blend_chunks
+    def __init__(self, prompt: str, check: Callable[[str], None] | None = None) -> None:
+        self._check = check  # precomputed embeddings: a prompt without one is refused at submit
         self._lock = threading.Lock()
         # the last two entries are all a state needs (the current one and, for a blend, its predecessor)
         self._entries: list[TimelineEntry] = [TimelineEntry(chunk=0, prompt=prompt)]
@@ -70,19 +70,19 @@ class LiveTimeline:
     def submit(self, prompt: str, transition: str) -> None:
         """Queue a change for the next chunk boundary; a later submission replaces a pending one."""
         text, kind = check_prompt(prompt, transition)
+        if self._check is not None:
+            self._check(text)
         with self._lock:
             self._pending = (text, LIVE_TRANSITIONS[kind])
 
-    def state(self, chunk: int) -> PromptState:
+    def state(self, chunk: int, blend_chunks: int = 2) -> PromptState:
         with self._lock:
             if self._pending is not None and chunk > self._entries[-1].chunk:
                 prompt, transition = self._pending
                 self._pending = None
-                entry = TimelineEntry(
-                    chunk=chunk, prompt=prompt, transition=transition, blend_chunks=self.blend_chunks
-                )
+                entry = TimelineEntry(chunk=chunk, prompt=prompt, transition=transition)
                 self._entries = [*self._entries[-1:], entry]
-            return state_at(self._entries, chunk)
+            return state_at(self._entries, chunk, blend_chunks)
 
     def current(self) -> tuple[str, str | None]:
         """(the prompt in effect, a pending one or None)."""
@@ -109,8 +109,9 @@ class LiveStream:
         keepalive_s: float,
         start_paused: bool = False,
         record_video: bool = False,
+        prompt_check: Callable[[str], None] | None = None,
     ) -> None:
-        self.timeline = LiveTimeline(prompt)
+        self.timeline = LiveTimeline(prompt, prompt_check)
         self.stop = stop
         self.keepalive_s = keepalive_s
         self.record_video = record_video

@@ -33,6 +33,8 @@ class ChunkMetrics:
     phase_c_ms: float
     transition: str
     kv_recompute: bool
+    text_ms: float = 0.0
+    """Text-encoder time inside phase A (a new prompt; 0 when every conditioning was cached)."""
     stage0_ms: float | None = None
     stage1_ms: float | None = None
     period_ms: float | None = None

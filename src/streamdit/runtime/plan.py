@@ -1,9 +1,11 @@
 """The per-chunk phase plan and the exact inputs of Phase B.
 
 Owns: `PhasePlan` (computed once on the driving side and asserted against the calls actually
-made), `ChunkIds` (the ids every message and log line carries), `GeneratorInputs` (exactly the
-scalars and tensors that protocol.md lists for an envelope, nothing else), and `mix_seed`.
-Imports torch and streamdit.errors only, so every topology can share it.
+made), `GeneratorInputs` (exactly the scalars and tensors that protocol.md lists for an envelope,
+nothing else), `mix_seed` and `seeded_normal`. The rules a plan must obey are not coded here:
+`GeneratorInputs.check` runs the protocol's one rulebook (`protocol.rules.check_generator_plan`)
+on its own fields, so rank0 before shipping, the receiver from the meta and the generator before
+its first call all judge a chunk by the same rules. Work is identified by protocol's `Ids`.
 """
 
 from __future__ import annotations
@@ -14,76 +16,69 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from streamdit.config import RunConfig
 from streamdit.errors import PlanError
+from streamdit.protocol.codec import TensorSpec
+from streamdit.protocol.header import Ids
+from streamdit.protocol.policy import CachePolicy, implied_calls
+from streamdit.protocol.rules import check_generator_plan
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class ChunkIds:
-    """Identity of one unit of work (see architecture.md, "Identity of work")."""
-
-    call_id: int
-    chunk_index: int
-    cache_epoch: int
-    control_epoch: int = 0
-
-    def as_kwargs(self) -> dict[str, int]:
-        return {
-            "call_id": self.call_id,
-            "chunk_index": self.chunk_index,
-            "cache_epoch": self.cache_epoch,
-        }
+def id_kwargs(ids: Ids | None) -> dict[str, int]:
+    """The ids an IdError names (field-less): call_id, chunk_index, cache_epoch."""
+    if ids is None:
+        return {}
+    return {"call_id": ids.call_id, "chunk_index": ids.chunk_index, "cache_epoch": ids.cache_epoch}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PhasePlan:
     """How many generator calls a chunk makes, decided once by the driver."""
 
+    cache_policy: CachePolicy
     do_kv_recompute: bool
     num_denoise_steps: int
     expected_generator_calls: int
 
     @classmethod
-    def build(cls, *, do_kv_recompute: bool, num_denoise_steps: int) -> PhasePlan:
-        calls = num_denoise_steps + (1 if do_kv_recompute else 0)
+    def build(cls, *, cache_policy: CachePolicy, init: bool, num_denoise_steps: int) -> PhasePlan:
+        """The plan of a chunk: recompute on every chunk but an epoch's first, if the policy does."""
+        recompute = cache_policy.recomputes and not init
         return cls(
-            do_kv_recompute=do_kv_recompute,
+            cache_policy=cache_policy,
+            do_kv_recompute=recompute,
             num_denoise_steps=num_denoise_steps,
-            expected_generator_calls=calls,
+            expected_generator_calls=implied_calls(num_denoise_steps, recompute, cache_policy),
         )
 
-    def check(self, step_list_len: int, ids: ChunkIds | None = None) -> None:
-        """Raise PlanError unless the plan is self-consistent and matches the step list."""
-        kw = ids.as_kwargs() if ids else {}
-        if self.num_denoise_steps != step_list_len:
-            raise PlanError(
-                f"num_denoise_steps={self.num_denoise_steps} != len(denoising_step_list)={step_list_len}",
-                field="num_denoise_steps",
-                **kw,
-            )
-        want = self.num_denoise_steps + (1 if self.do_kv_recompute else 0)
-        if self.expected_generator_calls != want:
-            raise PlanError(
-                f"expected_generator_calls={self.expected_generator_calls} but the plan implies {want}",
-                field="expected_generator_calls",
-                **kw,
-            )
-
-    def assert_observed(self, observed: int, ids: ChunkIds | None = None) -> None:
+    def assert_observed(self, observed: int, ids: Ids | None = None) -> None:
         if observed != self.expected_generator_calls:
             raise PlanError(
                 f"made {observed} generator calls, plan expected {self.expected_generator_calls}",
                 field="expected_generator_calls",
-                **(ids.as_kwargs() if ids else {}),
+                **id_kwargs(ids),
             )
+
+
+def chunk_plan(cfg: RunConfig, *, init: bool, soft_active: bool) -> tuple[PhasePlan, float]:
+    """A chunk's plan and KV bias from the run's cache policy and recipe: the one derivation
+    Phase A and the synthetic warm-up chunks share."""
+    plan = PhasePlan.build(
+        cache_policy=cfg.cache_policy, init=init, num_denoise_steps=len(cfg.denoising_step_list)
+    )
+    rule = cfg.recipe_spec.kv_bias
+    biased = not init and (rule == "always" or (rule == "soft" and soft_active))
+    return plan, cfg.soft_bias if biased else 1.0
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GeneratorInputs:
-    """Everything Phase B receives: the payload fields of a TP envelope (protocol.md §4).
+    """Everything Phase B receives: the payload fields of an envelope (protocol.md §4).
 
-    Ids travel beside it in `ChunkIds`; pixel video never appears here.
+    Ids travel beside it in `Ids`; pixel video never appears here.
     """
 
+    cache_policy: str
     height: int
     width: int
     current_start_frame: int
@@ -102,36 +97,30 @@ class GeneratorInputs:
     context_frames_override: torch.Tensor | None
 
     @property
+    def policy(self) -> CachePolicy:
+        return CachePolicy(self.cache_policy)
+
+    @property
     def plan(self) -> PhasePlan:
         return PhasePlan(
+            cache_policy=self.policy,
             do_kv_recompute=self.do_kv_recompute,
             num_denoise_steps=self.num_denoise_steps,
             expected_generator_calls=self.expected_generator_calls,
         )
 
-    def check(self, ids: ChunkIds | None = None, *, latent_anchor: bool = False) -> None:
-        """Plan consistency and the override rule; Phase B runs this before any model call.
-
-        `latent_anchor` (recompute r0): the generator builds the context itself, so a shipped
-        override is forbidden whether or not the chunk recomputes.
-        """
-        self.plan.check(int(self.denoising_step_list.numel()), ids)
-        has_ctx = self.context_frames_override is not None
-        if has_ctx != (self.do_kv_recompute and not latent_anchor):
-            why = (
-                "forbidden under recompute r0 (the generator builds its own anchor)"
-                if latent_anchor
-                else "required when do_kv_recompute"
-                if self.do_kv_recompute
-                else "forbidden without do_kv_recompute"
-            )
-            raise PlanError(
-                f"context_frames_override {why}",
-                field="context_frames_override",
-                **(ids.as_kwargs() if ids else {}),
-            )
+    def check(self, ids: Ids | None = None) -> None:
+        """The protocol's plan rules on these inputs; Phase B runs this before any model call."""
+        scalars = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _TENSORS}
+        specs = {
+            name: TensorSpec.of(name, value)
+            for name in _TENSORS
+            if isinstance(value := getattr(self, name), torch.Tensor)
+        }
+        check_generator_plan(scalars, specs, id_kwargs(ids))
 
 
+_TENSORS = ("denoising_step_list", "latents", "conditioning_embeds", "context_frames_override")
 GENERATOR_INPUT_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(GeneratorInputs))
 
 

@@ -17,26 +17,25 @@ from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import ConfigError, DriftError, ParityError, PeerAbort
 from streamdit.parallel.collectives import pair_warmup
 from streamdit.parallel.groups import Groups
-from streamdit.parallel.parity import check_replicated_fingerprints, handshake
-from streamdit.parallel.tp import apply_tp
+from streamdit.parallel.parity import handshake
 from streamdit.protocol.channel import BroadcastChannel, ChannelFaults, P2PChannel
 from streamdit.protocol.errors import TransportError
-from streamdit.protocol.header import Action, Kind
+from streamdit.protocol.header import Action, Ids, Kind
 from streamdit.protocol.messages import PPEnvelopeV1
-from streamdit.runtime.build import ValidatedRun, build_generator, build_model
-from streamdit.runtime.compile_health import compile_gate, eager_warmup
+from streamdit.protocol.rules import ENVELOPE_VERSION
+from streamdit.runtime.build import ValidatedRun
+from streamdit.runtime.compile_health import compile_gate
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
-from streamdit.runtime.plan import ChunkIds
+from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.pp_link import LEADER, StageLink
-from streamdit.runtime.pp_mesh import MeshRank
+from streamdit.runtime.pp_mesh import MeshLeader
 from streamdit.runtime.pp_stage0 import drive_pipelined, pp_envelope
 from streamdit.runtime.session import RankSession, liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
 from streamdit.runtime.stage0 import rehearse
 from streamdit.runtime.tp import parity_items
-from streamdit.runtime.tripwires import Tripwires
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,7 @@ def _pp_parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
     items = parity_items(run, groups)
     for key in ("tp_plan", "tp_envelope_version"):
         items.pop(key, None)
-    items.update({"pp_envelope_version": "1", "mesh_size": str(groups.world_size - 1)})
+    items.update({"pp_envelope_version": str(ENVELOPE_VERSION), "mesh_size": str(groups.world_size - 1)})
     return items
 
 
@@ -156,37 +155,27 @@ def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> Ru
 
 
 def _terminal(call_id: int, epoch: int, action: Action, exc: BaseException | None) -> PPEnvelopeV1:
-    ids = ChunkIds(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
+    ids = Ids(call_id=call_id, chunk_index=-1, cache_epoch=epoch)
     extra = {"reason": f"{type(exc).__name__}: {exc}"[:200]} if exc is not None else {}
-    return pp_envelope(action, ids, "off", **extra)
+    return pp_envelope(action, ids, **extra)
 
 
 def _mesh(session: RankSession) -> None:
-    """Mesh ranks: build and shard the generator on mesh_pg, check fingerprints, serve."""
-    run, groups, faults = session.run, session.groups, session.faults
+    """Mesh ranks: bring up Phase B on mesh_pg (the compile verdict gathered on `startup`, every
+    rank with the long timeout, rank0 included with an absent row), then serve."""
+    run, groups = session.run, session.groups
     channel_kw = session.channel_kw()
     mesh = groups.mesh
-    assert mesh is not None
-    model = build_model(run)
-    apply_tp(
-        model,
-        mesh,
-        group=MESH,
-        inplace_collectives=not run.cfg.compile or faults.disabled_collectives,
-        hide_from_compiler=faults.disabled_collectives,
+    assert mesh is not None and mesh.name == MESH
+    phase_b = PhaseB.bring_up(
+        run,
+        faults=session.faults,
+        rank=groups.global_rank,
+        group=mesh,
+        startup=groups.startup,
+        world=groups.world,
+        record=session.flight,
     )
-    faults.mutate_weights(model, groups.global_rank)
-    faults.add_graph_breaks(model, groups.global_rank)
-    check_replicated_fingerprints(model, mesh, allowed=MESH, log=log)
-    runner = build_generator(run, model)
-    runner.extra_calls = faults.extra_generator_calls
-    runner.first_call_ms = faults.first_call_ms
-    faults.slow_startup()
-    # warm-up on mesh_pg; the verdict is gathered on `startup` (every rank, the long timeout),
-    # rank0 included with an absent row
-    compile_gate(runner, run.cfg, run.dit, groups.startup, allowed="startup", record=session.flight)
-    eager_warmup(runner, run.cfg, run.dit, record=session.flight)  # before all_ready (see there)
-    tripwires = Tripwires(run.cfg, mesh, model, faults=faults, world=groups.world)
     broadcast = None
     if mesh.size > 1:
         broadcast = BroadcastChannel(
@@ -197,10 +186,10 @@ def _mesh(session: RankSession) -> None:
             kinds=frozenset({Kind.PP_ENVELOPE}),
             **channel_kw,
         )
-    rank = MeshRank(runner, tripwires, faults, groups, broadcast=broadcast)
     session.all_ready()
     if mesh.rank != 0:
-        rank.run_peer()
+        assert broadcast is not None
+        phase_b.serve(broadcast.recv, source="mesh leader")
         return
     assert groups.link is not None
     envelopes = P2PChannel(
@@ -216,4 +205,4 @@ def _mesh(session: RankSession) -> None:
     )
     pair_warmup(groups.world, 0, send=False, allowed="world")  # same order as rank0
     pair_warmup(groups.link, 0, send=True, allowed="link")
-    rank.run_leader(envelopes, results)
+    MeshLeader(phase_b, envelopes=envelopes, results=results, broadcast=broadcast).run()

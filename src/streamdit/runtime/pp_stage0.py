@@ -32,27 +32,26 @@ from streamdit.config import RunConfig
 from streamdit.errors import StaleResult
 from streamdit.media import VideoWriter
 from streamdit.protocol.errors import EnvelopeError
-from streamdit.protocol.header import Action
+from streamdit.protocol.header import Action, Ids
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1
+from streamdit.protocol.rules import ENVELOPE_VERSION
 from streamdit.runtime.driver import RunSummary, StreamOutputs, sync
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress, overlap_score
-from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
+from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs, id_kwargs
 from streamdit.runtime.pp_link import StageLink
 from streamdit.runtime.stage0 import ChunkNotes, Stage0
 
 log = logging.getLogger(__name__)
 
-RECOMPUTE_MODE = {"off": "off", "r0a": "rank0_anchor", "r0": "latent_anchor"}
-
 
 def pp_envelope(
-    action: Action, ids: ChunkIds, recompute: str, inputs: GeneratorInputs | None = None, **extra: object
+    action: Action, ids: Ids, inputs: GeneratorInputs | None = None, **extra: object
 ) -> PPEnvelopeV1:
     payload = {n: getattr(inputs, n) for n in GENERATOR_INPUT_FIELDS} if inputs is not None else {}
-    plan = {"pp_envelope_version": 1, "recompute_mode": RECOMPUTE_MODE[recompute]} if inputs else {}
+    plan = {"pp_envelope_version": ENVELOPE_VERSION} if inputs else {}
     return PPEnvelopeV1(
         action=action,
         call_id=ids.call_id,
@@ -66,7 +65,7 @@ def pp_envelope(
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class InFlight:
-    ids: ChunkIds
+    ids: Ids
     inputs: GeneratorInputs
     notes: ChunkNotes
     phase_a_ms: float
@@ -106,7 +105,7 @@ class PipelinedDriver:
 
     def step(self, k: int) -> None:
         """Phase A of chunk k, then send it once fewer than D envelopes are in flight."""
-        state = self.stage0.timeline.state(k)
+        state = self.stage0.state(k)
         scheduled_cut = state.hard_cut and not state.drop_in_flight
         if scheduled_cut or self.stage0.needs_previous_decode(k):
             self.drain()
@@ -116,17 +115,15 @@ class PipelinedDriver:
         phase_a_ms = (time.perf_counter() - t0) * 1e3
         while len(self.pending) >= self.depth:
             self.take_one()
-        sent = self.faults.corrupt_plan(k, inputs)  # OM-03/07 hook: the plan rank0 ships
-        self.link.submit(pp_envelope(Action.INFER, ids, self.cfg.recompute, sent))
+        sent = self.faults.shipped(k, inputs)  # OM-03/07 hook: the plan rank0 ships
+        self.link.submit(pp_envelope(Action.INFER, ids, sent))
         self.pending.append(InFlight(ids=ids, inputs=inputs, notes=notes, phase_a_ms=phase_a_ms))
 
     def keepalive(self) -> None:
         """A NOOP through the link while idle: the leader forwards it to the mesh and answers
         with a NOOP result, so no rank's blocking receive reaches the process-group timeout."""
-        ids = ChunkIds(
-            call_id=self.stage0.take_call_id(), chunk_index=-1, cache_epoch=self.stage0.cache_epoch
-        )
-        self.link.submit(pp_envelope(Action.NOOP, ids, self.cfg.recompute))
+        ids = Ids(call_id=self.stage0.take_call_id(), chunk_index=-1, cache_epoch=self.stage0.cache_epoch)
+        self.link.submit(pp_envelope(Action.NOOP, ids))
 
     def drain(self) -> None:
         while self.pending:
@@ -158,6 +155,7 @@ class PipelinedDriver:
             phase_b_ms=float(result.stage1_ms or 0.0),
             phase_c_ms=(now - t0) * 1e3,
             transition=item.notes.transition,
+            text_ms=item.notes.text_ms,
             kv_recompute=item.inputs.do_kv_recompute,
             stage0_ms=item.phase_a_ms + (now - t0) * 1e3,
             stage1_ms=result.stage1_ms,
@@ -195,7 +193,7 @@ class PipelinedDriver:
 
     def _accept(self, result: PPResultV1, item: InFlight) -> torch.Tensor:
         """protocol.md §4 acceptance: ids of the oldest envelope in flight, call count, latents."""
-        ids, kw = item.ids, dict(group="link", **item.ids.as_kwargs())
+        ids, kw = item.ids, dict(group="link", **id_kwargs(item.ids))
         if (result.call_id, result.chunk_index) != (ids.call_id, ids.chunk_index):
             raise StaleResult(
                 f"result call_id={result.call_id} chunk_index={result.chunk_index} is not the oldest "
@@ -228,7 +226,7 @@ class PipelinedDriver:
                 field="latents_out",
                 **kw,
             )
-        self.faults.after_generator(ids.chunk_index, latents)
+        self.faults.received(ids.chunk_index, latents)
         return latents
 
 

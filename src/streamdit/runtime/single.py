@@ -1,7 +1,8 @@
 """The `single` topology: Phase A, B and C of every chunk in one process, no transport.
 
-Owns: `run_single(cfg)`: builds the rank0 parts (Stage0) and the generator, then runs the shared
-chunk loop (`driver.drive`) with no publish/check hooks. TP and PP reuse the same objects.
+Owns: `run_single(cfg)`: brings up Phase B (`PhaseB`, no group) and the rank0 parts (Stage0),
+then runs the shared chunk loop (`driver.drive`) with no publish hook; and `build_stage0`, the
+rank0 parts every topology's rank0 uses.
 """
 
 from __future__ import annotations
@@ -10,18 +11,12 @@ import logging
 
 from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
-from streamdit.runtime.build import (
-    ValidatedRun,
-    build_generator,
-    build_stage0_parts,
-    load_input_frames,
-    validate_run,
-)
-from streamdit.runtime.compile_health import compile_gate, eager_warmup
+from streamdit.runtime.build import ValidatedRun, build_stage0_parts, load_input_frames, validate_run
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.stage0 import Stage0
 
 log = logging.getLogger(__name__)
@@ -44,7 +39,7 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
         timeline=live.timeline if live is not None else run.timeline,
         text_encoder=text,
         vae=vae,
-        scheduler=FlowMatchScheduler(shift=run.cfg.shift),
+        scheduler=FlowMatchScheduler(shift=run.cfg.shift, warp=run.cfg.recipe_spec.warp_timesteps),
         device=run.device,
         dtype=run.dtype,
         input_frames=input_frames,
@@ -55,12 +50,7 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
 def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | None = None) -> RunSummary:
     run = validate_run(cfg)
     faults = FaultPlan.from_config(cfg)
-    runner = build_generator(run)
-    runner.extra_calls = faults.extra_generator_calls
-    runner.first_call_ms = faults.first_call_ms
-    faults.add_graph_breaks(runner.model, 0)
-    compile_gate(runner, cfg, run.dit, None, allowed="world")
-    eager_warmup(runner, cfg, run.dit)
+    phase_b = PhaseB.bring_up(run, faults=faults, rank=0)
     stage0, chunks = build_stage0(run, live)
     log.info(
         "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",
@@ -76,7 +66,7 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | 
         cfg,
         chunks=chunks,
         stage0=stage0,
-        runner=runner,
+        phase_b=phase_b,
         device=run.device,
         faults=faults,
         stop=stop or StopFlag(),

@@ -2,14 +2,17 @@
 
 Owns: `Stage0`, the rank0-only state of a stream — timeline position, `cache_epoch`, `call_id`,
 the conditioning cache, the recompute context buffers (first latent, recent clean latents,
-decoded pixel window) and the VAE's streaming caches. Phase A turns chunk k into `ChunkIds` +
+decoded pixel window) and the VAE's streaming caches. Phase A turns chunk k into `Ids` +
 `GeneratorInputs` (every decision is made here, once: resets, plan, bias, noise); Phase C decodes
-the generator's latents into uint8 frames. Nothing here runs a collective.
+the generator's latents into uint8 frames. The recipe (`cfg.recipe_spec`) decides the blend of a
+soft prompt change, the noise seed after a hard cut, the decoder's time-cache rule and the frames
+a stream start does not show. Nothing here runs a collective.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -20,13 +23,15 @@ from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.text import TextEncoder, blend
 from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
-from streamdit.runtime.plan import ChunkIds, GeneratorInputs, PhasePlan, mix_seed, seeded_normal
+from streamdit.protocol.header import Ids
+from streamdit.runtime.plan import GeneratorInputs, chunk_plan, mix_seed, seeded_normal
 from streamdit.runtime.timeline import PromptSource, PromptState, Timeline, TimelineEntry
 
 log = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
 NOISE_STREAM = 0
 COND_CACHE_SIZE = 8  # conditioning tensors kept (prompts and soft-blend steps), least recent out
+CondKey = tuple[str, str | None, float]  # (prompt, blend source, weight): equal keys, equal embeds
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -35,6 +40,7 @@ class ChunkNotes:
 
     prompt: str
     transition: str  # "start" | "hard" | "soft" | "none"
+    text_ms: float = 0.0  # text-encoder time of this chunk's phase A (new prompts only)
 
 
 class Stage0:
@@ -60,17 +66,22 @@ class Stage0:
         self.device = device
         self.dtype = dtype
         self.input_frames = input_frames
-        self.decoder = StreamingDecoder(vae)
+        self.recipe = cfg.recipe_spec
+        self.decoder = StreamingDecoder(vae, upsample_history=self.recipe.vae_time_cache)
         self.encoder = StreamingEncoder(vae)
         self.step_list = torch.tensor(cfg.denoising_step_list, dtype=torch.int64)
         self.latent_hw = (cfg.height // 8, cfg.width // 8)
         self.cache_epoch = 0
+        self.epoch_start = 0  # chunk index of the current epoch's first chunk
         self.next_call_id = 0
+        self._text_s = 0.0  # text-encoder seconds of the chunk being prepared
         self.next_start_frame = 0
         self.input_pos = 0
         # Bounded: a live stream with many prompt changes must not grow GPU memory without end.
-        self._cond_cache: OrderedDict[tuple[str, str | None, float], torch.Tensor] = OrderedDict()
-        self._last_cond_key: tuple[str, str | None, float] | None = None
+        self._cond_cache: OrderedDict[CondKey, torch.Tensor] = OrderedDict()
+        self._last_cond_key: CondKey | None = None
+        self._last_embeds: torch.Tensor | None = None  # the conditioning of the last chunk
+        self._blend_from: torch.Tensor | None = None  # lerp_from_current: a blend's source
         self._reset_buffers()
 
     def _reset_buffers(self) -> None:
@@ -80,20 +91,24 @@ class Stage0:
 
     # ---- Phase A -------------------------------------------------------------------------
 
-    def prepare(self, chunk_index: int) -> tuple[ChunkIds, GeneratorInputs, ChunkNotes]:
-        ps = self.timeline.state(chunk_index)
+    def state(self, chunk_index: int) -> PromptState:
+        """The prompt state of a chunk (soft changes last the run's `blend_chunks` by default)."""
+        return self.timeline.state(chunk_index, self.cfg.blend_chunks)
+
+    def prepare(self, chunk_index: int) -> tuple[Ids, GeneratorInputs, ChunkNotes]:
+        self._text_s = 0.0
+        ps = self.state(chunk_index)
         init = chunk_index == 0 or ps.hard_cut
         if init:
-            self._begin_epoch(bump=chunk_index > 0)
-        ids = ChunkIds(call_id=self.take_call_id(), chunk_index=chunk_index, cache_epoch=self.cache_epoch)
-        embeds, updated = self._conditioning(ps)
-        plan = PhasePlan.build(
-            do_kv_recompute=self.cfg.kv_recompute and not init,
-            num_denoise_steps=len(self.step_list),
-        )
+            self._begin_epoch(chunk_index)
+        ids = Ids(call_id=self.take_call_id(), chunk_index=chunk_index, cache_epoch=self.cache_epoch)
+        embeds, updated = self._conditioning(ps, chunk_index)
+        plan, bias = chunk_plan(self.cfg, init=init, soft_active=ps.soft_active)
         start = self.next_start_frame
-        base_seed = mix_seed(self.cfg.seed, self.cache_epoch, chunk_index)
+        base_seed = self._base_seed(chunk_index)
+        ships = plan.do_kv_recompute and plan.cache_policy.ships_context
         inputs = GeneratorInputs(
+            cache_policy=plan.cache_policy.value,
             height=self.cfg.height,
             width=self.cfg.width,
             current_start_frame=start,
@@ -101,7 +116,7 @@ class Stage0:
             reset_kv_cache=init,
             reset_crossattn_cache=init or updated,
             conditioning_updated=updated,
-            kv_cache_attention_bias=self.cfg.soft_bias if ps.soft_active and not init else 1.0,
+            kv_cache_attention_bias=bias,
             do_kv_recompute=plan.do_kv_recompute,
             num_denoise_steps=plan.num_denoise_steps,
             expected_generator_calls=plan.expected_generator_calls,
@@ -109,65 +124,88 @@ class Stage0:
             denoising_step_list=self.step_list.clone(),
             latents=self._start_latents(base_seed, first=init),
             conditioning_embeds=embeds,
-            context_frames_override=self._context(start) if self._ships_context(plan) else None,
+            context_frames_override=self._context(start) if ships else None,
         )
-        inputs.check(ids, latent_anchor=self.cfg.recompute == "r0")  # never ship a plan we'd reject
+        inputs.check(ids)  # never ship a plan we would reject
         self.next_start_frame += self.cfg.frames_per_chunk
         transition = "start" if chunk_index == 0 else "hard" if init else "soft" if ps.soft_active else "none"
-        return ids, inputs, ChunkNotes(prompt=ps.prompt, transition=transition)
+        return ids, inputs, ChunkNotes(prompt=ps.prompt, transition=transition, text_ms=self._text_s * 1e3)
 
-    def _ships_context(self, plan: PhasePlan) -> bool:
-        # r0: the generator ranks build the anchor from their own latents
-        return plan.do_kv_recompute and self.cfg.recompute == "r0a"
+    def _base_seed(self, chunk_index: int) -> int:
+        if self.recipe.reseed_on_cut:  # every epoch replays the stream's noise (Krea's reset)
+            return mix_seed(self.cfg.seed, 0, chunk_index - self.epoch_start)
+        return mix_seed(self.cfg.seed, self.cache_epoch, chunk_index)
 
     def needs_previous_decode(self, chunk_index: int) -> bool:
         """True when `prepare(chunk_index)` reads buffers that `finish` of the previous chunk
-        fills (r0a recompute): a pipelined driver must decode everything in flight first."""
-        if chunk_index == 0 or self.cfg.recompute != "r0a":
+        fills (rank0 anchor recompute): a pipelined driver must decode everything in flight first."""
+        if chunk_index == 0 or not self.cfg.cache_policy.ships_context:
             return False
-        return not self.timeline.state(chunk_index).hard_cut
+        return not self.state(chunk_index).hard_cut
 
     def take_call_id(self) -> int:
         """The next call_id: strictly increasing over every message rank0 sends, any action."""
         self.next_call_id += 1
         return self.next_call_id - 1
 
-    def _begin_epoch(self, *, bump: bool) -> None:
+    def _begin_epoch(self, chunk_index: int) -> None:
         """Hard cut: new epoch, stream position 0, every rank0 cache and buffer cleared."""
-        if bump:
+        if chunk_index > 0:
             self.cache_epoch += 1
+        self.epoch_start = chunk_index
         self.next_start_frame = 0
         self.decoder.reset()
         self.encoder.reset()
         self._reset_buffers()
         self._last_cond_key = None
+        self._last_embeds = self._blend_from = None
 
-    def _conditioning(self, ps: PromptState) -> tuple[torch.Tensor, bool]:
-        key = ps.key
+    def _conditioning(self, ps: PromptState, chunk_index: int) -> tuple[torch.Tensor, bool]:
+        """The chunk's conditioning and whether it differs from the previous chunk's."""
+        weight = self.recipe.blend_weight(ps.blend_step, ps.blend_chunks) if ps.previous else 1.0
+        lerp = self.recipe.blend == "lerp_from_current" and ps.previous is not None
+        # the blend's source: the previous prompt's embedding, or (Krea) the conditioning in use
+        # when the change arrived, whatever it was (an unfinished blend included)
+        source = f"lerp@{chunk_index - ps.blend_step}" if lerp else ps.previous
+        key: CondKey = (ps.prompt, source, weight)
+        if lerp and (ps.blend_step == 0 or self._blend_from is None):
+            self._blend_from = (
+                self._last_embeds if self._last_embeds is not None else self._encode(ps.previous)
+            )
         embeds = self._cached(key)
         if embeds is None:
             new = self._encode(ps.prompt)
-            embeds = new if ps.previous is None else blend(self._encode(ps.previous), new, ps.alpha)
+            if ps.previous is None:
+                embeds = new
+            else:
+                start = self._blend_from if lerp else self._encode(ps.previous)
+                assert start is not None
+                embeds = blend(start, new, weight)
             self._remember(key, embeds)
         updated = key != self._last_cond_key
         self._last_cond_key = key
+        self._last_embeds = embeds
         return embeds, updated
 
     def _encode(self, prompt: str) -> torch.Tensor:
         key = (prompt, None, 1.0)
         embeds = self._cached(key)
         if embeds is None:
+            t0 = time.perf_counter()
             embeds = self.text_encoder.encode([prompt]).to(self.device, self.dtype)
+            if embeds.device.type == "cuda":  # the encode's own time, not whatever runs after
+                torch.cuda.current_stream(embeds.device).synchronize()
+            self._text_s += time.perf_counter() - t0
             self._remember(key, embeds)
         return embeds
 
-    def _cached(self, key: tuple[str, str | None, float]) -> torch.Tensor | None:
+    def _cached(self, key: CondKey) -> torch.Tensor | None:
         embeds = self._cond_cache.get(key)
         if embeds is not None:
             self._cond_cache.move_to_end(key)
         return embeds
 
-    def _remember(self, key: tuple[str, str | None, float], embeds: torch.Tensor) -> None:
+    def _remember(self, key: CondKey, embeds: torch.Tensor) -> None:
         self._cond_cache[key] = embeds
         while len(self._cond_cache) > COND_CACHE_SIZE:
             self._cond_cache.popitem(last=False)
@@ -203,8 +241,11 @@ class Stage0:
     # ---- Phase C -------------------------------------------------------------------------
 
     def finish(self, latents_out: torch.Tensor) -> np.ndarray:
-        """Decode one chunk's latents, update recompute buffers, return uint8 [T, H, W, 3]."""
+        """Decode one chunk's latents, update recompute buffers, return uint8 [T, H, W, 3]: the
+        frames to show (a stream's first `drop_first_frames` are decoded and kept for the
+        recompute anchor, but not shown)."""
         latents_out = latents_out.to(self.device, self.dtype)
+        drop = self.recipe.drop_first_frames if self.decoder.latent_frames_seen == 0 else 0
         if self.first_latent is None:
             self.first_latent = latents_out[:, :1].clone()
         keep = self.cfg.context_frames - 1
@@ -216,7 +257,7 @@ class Stage0:
         window = 1 + 4 * keep
         joined = pixels if self.decoded_window is None else torch.cat([self.decoded_window, pixels], 2)
         self.decoded_window = joined[:, :, max(0, joined.shape[2] - window) :].clone()
-        return pixels_to_frames(pixels)
+        return pixels_to_frames(pixels[:, :, drop:])
 
 
 def rehearse(stage0: Stage0, max_chunks: int) -> int:

@@ -1,9 +1,11 @@
 """Prompt timeline: which prompt drives each chunk, and how the stream changes between prompts.
 
 Owns: parsing and validating timeline files (TOML or JSON), and answering, per chunk, the
-prompt state Phase A needs: the prompt (or the two prompts being blended and the blend weight),
-and whether this chunk is a hard cut. Hard cuts bump `cache_epoch` and reset every cache; soft
-transitions blend the conditioning over `blend_chunks` chunks and de-weight cached keys.
+prompt state Phase A needs: the prompt (or the two prompts being blended and the chunk's step j
+of an N-chunk blend; the recipe turns (j, N) into a weight), and whether this chunk is a hard
+cut. Hard cuts bump `cache_epoch` and reset every cache; soft transitions blend the conditioning
+over `blend_chunks` chunks (default: the run's, which the recipe sets) and may de-weight cached
+keys (the recipe decides).
 A "hard" cut is scheduled: every chunk before it is shown. A "cut" is a hard cut that takes
 effect at once, like a live user's: under `pp`, chunks of the old scene still in flight are
 dropped (never decoded); in the other topologies nothing is in flight, so it equals "hard".
@@ -36,7 +38,7 @@ class TimelineEntry:
     chunk: int
     prompt: str
     transition: str = "hard"
-    blend_chunks: int = 2
+    blend_chunks: int | None = None  # None: the run's default (the recipe's, or --blend-chunks)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -45,21 +47,27 @@ class PromptState:
 
     prompt: str
     previous: str | None  # prompt blended from during a soft transition, else None
-    alpha: float  # weight of `prompt` in the blend (1.0 = no blend)
     hard_cut: bool  # a hard transition starts at this chunk (not chunk 0)
     drop_in_flight: bool = False  # the hard cut is immediate ("cut"): stale chunks are dropped
     soft_active: bool  # a soft transition is blending at this chunk
+    blend_step: int = 0  # chunk j (0-based) of the soft transition in progress
+    blend_chunks: int = 1  # its length N; the recipe turns (j, N) into the blend weight
 
     @property
-    def key(self) -> tuple[str, str | None, float]:
+    def alpha(self) -> float:
+        """The default blend weight of `prompt`: (j + 1) / N (1.0 when not blending)."""
+        return (self.blend_step + 1) / self.blend_chunks if self.soft_active else 1.0
+
+    @property
+    def key(self) -> tuple[str, str | None, int, int]:
         """Identity of the conditioning tensor: equal keys give equal embeddings."""
-        return (self.prompt, self.previous, self.alpha)
+        return (self.prompt, self.previous, self.blend_step, self.blend_chunks)
 
 
 class PromptSource(Protocol):
     """What Phase A asks per chunk: a file timeline, or a live one steered by a user (serve)."""
 
-    def state(self, chunk: int) -> PromptState: ...
+    def state(self, chunk: int, blend_chunks: int = 2) -> PromptState: ...
 
 
 class Timeline:
@@ -88,27 +96,31 @@ class Timeline:
             ) from exc
         return cls(parse_entries(data, path))
 
-    def state(self, chunk: int) -> PromptState:
-        return state_at(self.entries, chunk)
+    def state(self, chunk: int, blend_chunks: int = 2) -> PromptState:
+        return state_at(self.entries, chunk, blend_chunks)
 
 
-def state_at(entries: tuple[TimelineEntry, ...] | list[TimelineEntry], chunk: int) -> PromptState:
-    """The prompt state of `chunk` under `entries` (ordered by chunk, the first at or before it)."""
+def state_at(
+    entries: tuple[TimelineEntry, ...] | list[TimelineEntry], chunk: int, blend_chunks: int = 2
+) -> PromptState:
+    """The prompt state of `chunk` under `entries` (ordered by chunk, the first at or before it).
+
+    `blend_chunks`: the length of a soft transition whose entry does not give one. The last
+    chunk of a blend (j = N - 1) has weight 1 under every recipe and names no previous prompt.
+    """
     idx = max(i for i, e in enumerate(entries) if e.chunk <= chunk)
     cur = entries[idx]
     hard_cut = cur.chunk == chunk and chunk > 0 and cur.transition in ("hard", "cut")
-    if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < cur.blend_chunks:
-        alpha = (chunk - cur.chunk + 1) / cur.blend_chunks
-        prev = entries[idx - 1].prompt
-        if alpha < 1.0:
-            return PromptState(
-                prompt=cur.prompt, previous=prev, alpha=alpha, hard_cut=False, soft_active=True
-            )
-        return PromptState(prompt=cur.prompt, previous=None, alpha=1.0, hard_cut=False, soft_active=True)
+    n = cur.blend_chunks or blend_chunks
+    if cur.transition == "soft" and idx > 0 and chunk - cur.chunk < n:
+        j = chunk - cur.chunk
+        prev = entries[idx - 1].prompt if j < n - 1 else None
+        return PromptState(
+            prompt=cur.prompt, previous=prev, hard_cut=False, soft_active=True, blend_step=j, blend_chunks=n
+        )
     return PromptState(
         prompt=cur.prompt,
         previous=None,
-        alpha=1.0,
         hard_cut=hard_cut,
         soft_active=False,
         drop_in_flight=hard_cut and cur.transition == "cut",
@@ -146,7 +158,7 @@ def _parse_entry(raw: Any, where: str) -> TimelineEntry:
         raise ConfigError(
             f"{where}.transition must be one of {TRANSITIONS}, got {transition!r} [field=transition]"
         )
-    blend = raw.get("blend_chunks", 2)
-    if not isinstance(blend, int) or isinstance(blend, bool) or blend < 1:
+    blend = raw.get("blend_chunks")
+    if blend is not None and (not isinstance(blend, int) or isinstance(blend, bool) or blend < 1):
         raise ConfigError(f"{where}.blend_chunks must be an integer >= 1, got {blend!r} [field=blend_chunks]")
     return TimelineEntry(chunk=chunk, prompt=prompt, transition=transition, blend_chunks=blend)

@@ -19,8 +19,9 @@ from streamdit.errors import DriftError
 from streamdit.parallel.collectives import all_gather_int64
 from streamdit.parallel.groups import GroupHandle
 from streamdit.parallel.parity import check_replicated_fingerprints, tensor_digest
+from streamdit.protocol.header import Ids
 from streamdit.runtime.faults import FaultPlan
-from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, ChunkIds, GeneratorInputs
+from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs, id_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +49,18 @@ class Tripwires:
         self.faults = faults
         self.world = world  # only for the OM-08 hook: a collective deliberately on the wrong group
 
-    def inputs(self, ids: ChunkIds, inputs: GeneratorInputs) -> None:
+    def inputs(self, ids: Ids, inputs: GeneratorInputs) -> None:
         # Every rank acts on the same envelope, so all of them take (or skip) these collectives.
         if self.fingerprint_on_init_cache and inputs.init_cache and ids.chunk_index > 0:
             check_replicated_fingerprints(self.model, self.handle, allowed=self.allowed, log=log)
         if self.input_every and ids.chunk_index % self.input_every == 0:
             self._compare("input", ids, [_field_digest(inputs, name) for name in GENERATOR_INPUT_FIELDS])
 
-    def output(self, ids: ChunkIds, latents: torch.Tensor) -> None:
+    def output(self, ids: Ids, latents: torch.Tensor) -> None:
         if self.output_every and ids.chunk_index % self.output_every == 0:
             self._compare("output", ids, [tensor_digest(latents)])
 
-    def _compare(self, what: str, ids: ChunkIds, mine: list[int]) -> None:
+    def _compare(self, what: str, ids: Ids, mine: list[int]) -> None:
         handle = self.world if self.faults.wrong_group_at_chunk == ids.chunk_index else self.handle
         every = all_gather_int64(mine, handle, allowed=self.allowed)
         bad = [r for r, theirs in enumerate(every) if theirs != every[0]]
@@ -74,7 +75,7 @@ class Tripwires:
             f"{what} digest mismatch on ranks {bad} vs rank 0 (fields {fields}); {table}",
             field=fields[0] if fields else what,
             group=self.allowed,
-            **ids.as_kwargs(),
+            **id_kwargs(ids),
         )
 
 
@@ -82,4 +83,6 @@ def _field_digest(inputs: GeneratorInputs, name: str) -> int:
     value = getattr(inputs, name)
     if isinstance(value, torch.Tensor):
         return tensor_digest(value)
+    if isinstance(value, str):  # the cache policy
+        return tensor_digest(torch.tensor(list(value.encode("utf-8")), dtype=torch.int64))
     return tensor_digest(torch.tensor([float(value if value is not None else -1)], dtype=torch.float64))

@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 from streamdit.config import RunConfig
 from streamdit.errors import ConfigError
+from streamdit.runtime.build import live_prompt_check
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
@@ -44,6 +45,7 @@ def serve_rank0(
         keepalive_s=keepalive_period(cfg),
         start_paused=start_paused,
         record_video=record_video,
+        prompt_check=live_prompt_check(cfg),
     )
     hub = FrameHub(cfg.fps)
     live.sinks.append(hub.publish)

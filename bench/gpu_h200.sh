@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One-GPU (H200) benchmark stages, one per device call (a call is capped at 10 minutes).
+#
+#   bash bench/gpu_h200.sh text   # issue 16: wan-14b --recipe krea-realtime, hash text vs a
+#                                 # umT5-XXL-shaped encoder with random weights (--text-encoder):
+#                                 # prompt-change latency (text_ms) and FPS side by side
+#
+# Wheels missing from the GPU image (PyAV) travel in .whl/; results go to $OUT.
+set -u
+stage=$1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+pip install -q --no-deps --target /tmp/site .whl/*.whl >/dev/null 2>&1
+export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+nvidia-smi --query-gpu=name --format=csv,noheader
+WAN=(--preset wan-14b --device cuda --dtype bfloat16 --height 320 --width 576 --compile)
+
+case $stage in
+text)
+    python bench/make_random_umt5.py /tmp/umt5-xxl --device cuda | tee "$OUT/umt5_folder.json"
+    cat >/tmp/prompts.json <<'TL'
+{"entries": [
+  {"chunk": 0, "prompt": "w1 w2 w3 w4 w5 w6 w7 w8 w9 w10 w11 w12"},
+  {"chunk": 5, "prompt": "w20 w21 w22 w23 w24 w25 w26 w27 w28 w29", "transition": "soft"},
+  {"chunk": 11, "prompt": "w30 w31 w32 w33 w34 w35 w36 w37 w38 w39 w40 w41 w42", "transition": "soft"},
+  {"chunk": 17, "prompt": "w50 w51 w52 w53 w54 w55 w56 w57", "transition": "hard"}
+]}
+TL
+    common="--recipe krea-realtime ${WAN[*]} --chunks 22 --timeline /tmp/prompts.json"
+    python bench/bench_e2e.py --out "$OUT/text_krea_wan14b_h200.json" --skip 2 --job-timeout 280 \
+        --job "krea-hash-text=$common" \
+        --job "krea-umt5-xxl=$common --text-encoder /tmp/umt5-xxl" \
+        --job "krea-umt5-xxl-480x832=${common/--height 320 --width 576/--height 480 --width 832} --text-encoder /tmp/umt5-xxl"
+    python bench/bench_text_encode.py --text-encoder /tmp/umt5-xxl --out "$OUT/text_encode_umt5xxl_h200.json"
+    python bench/bench_text_encode.py --out "$OUT/text_encode_hash_h200.json"
+    ;;
+recipes)
+    # the other recipes compiled on wan-14b (every loop's CUDA path: Scope's biased attention on
+    # every call, Self-Forcing's clean append call and 21-frame window)
+    python bench/bench_e2e.py --out "$OUT/recipes_wan14b_h200.json" --skip 2 --job-timeout 200 \
+        --job "scope-krea=--recipe scope-krea ${WAN[*]} --chunks 12" \
+        --job "self-forcing=--recipe self-forcing ${WAN[*]} --chunks 12" \
+        --job "streamdit=--recipe streamdit ${WAN[*]} --chunks 12"
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
