@@ -24,7 +24,9 @@ from streamdit.protocol.policy import CachePolicy
 from streamdit.recipes import RECIPES, Recipe, get_recipe
 
 DTYPES = ("float32", "bfloat16")
-DEFAULT_STEP_LIST = (1000, 750, 500, 250)
+# The default recipe's settings are RunConfig's defaults: one place says what "streamdit" runs.
+_DEFAULT = RECIPES["streamdit"]
+DEFAULT_STEP_LIST = _DEFAULT.step_list(_DEFAULT.steps)
 # Video-to-video starts from the encoded input noised to the first step's sigma, so it needs
 # fewer and later steps than text-to-video (StreamDiffusionV2 style).
 DEFAULT_V2V_STEP_LIST = (750, 500)
@@ -42,11 +44,6 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WARMUP = ("auto", "on", "off")
 TEST_HOOK_PREFIX = "STREAMDIT_TEST_"
-
-
-def step_list_for(steps: int, recipe: str = "streamdit") -> tuple[int, ...]:
-    """The recipe's step list of `steps` steps: 4 → (1000, 750, 500, 250) by default."""
-    return get_recipe(recipe).step_list(steps)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -85,7 +82,7 @@ class RunConfig:
     """Pixel width, a multiple of 16."""
     chunks: int = 4
     """Number of chunks to generate."""
-    frames_per_chunk: int = 3
+    frames_per_chunk: int = _DEFAULT.frames_per_chunk
     """Latent frames per chunk (3 → 12 pixel frames in steady state)."""
     denoising_step_list: tuple[int, ...] = DEFAULT_STEP_LIST
     """Timesteps of the few-step flow-matching sampler, strictly decreasing in [0, 1000] (a 0
@@ -122,7 +119,7 @@ class RunConfig:
     """Eager generator warm-up at startup (compile always warms up): on | off | auto (on for tp
     and pp on CUDA). It runs the first-use work of the device (library handles, kernels, the TP
     communicator) under --startup-timeout, so chunk 0 is bounded by --dist-timeout like any."""
-    recompute: str = "r0a"
+    recompute: str = _DEFAULT.recompute
     """The KV-cache regime (protocol.policy.CachePolicy): off (R1, keep the last call's K/V),
     r0a (recompute before each chunk after the first; rank0 supplies the anchor from its decode:
     exact, but under pp the next envelope waits for the previous decode), r0 (generator ranks
@@ -130,13 +127,13 @@ class RunConfig:
     (Self-Forcing: one clean t = 0 call after each chunk writes its K/V; no recompute)."""
     queue_depth: int = 2
     """pp: envelopes in flight to the mesh (D); 1 serializes the two stages."""
-    local_attn_frames: int = 6
+    local_attn_frames: int = _DEFAULT.local_attn_frames
     """KV window in latent frames, current chunk included."""
-    sink_frames: int = 0
+    sink_frames: int = _DEFAULT.sink_frames
     """Frames at the stream start that are never evicted."""
-    soft_bias: float = 0.3
+    soft_bias: float = _DEFAULT.soft_bias
     """kv_cache_attention_bias where the recipe applies one (1.0 = none)."""
-    blend_chunks: int = 2
+    blend_chunks: int = _DEFAULT.blend_chunks
     """Chunks a soft prompt change blends over when the timeline entry does not say."""
     checkpoint: Path | None = None
     """DiT weights: .safetensors (single, or a sharded folder / index.json), .pt / .pth

@@ -181,16 +181,16 @@ def _recipe_overrides(args: argparse.Namespace) -> dict[str, object]:
         given["denoising_step_list"] = DEFAULT_V2V_STEP_LIST
     if args.no_kv_recompute:
         given["recompute"] = "off"
-    for flag, field in (
-        ("recompute", "recompute"),
-        ("frames_per_chunk", "frames_per_chunk"),
-        ("local_attn_frames", "local_attn_frames"),
-        ("sink_frames", "sink_frames"),
-        ("soft_bias", "soft_bias"),
-        ("blend_chunks", "blend_chunks"),
+    for name in (
+        "recompute",
+        "frames_per_chunk",
+        "local_attn_frames",
+        "sink_frames",
+        "soft_bias",
+        "blend_chunks",
     ):
-        if getattr(args, flag) is not None:
-            given[field] = getattr(args, flag)
+        if getattr(args, name) is not None:  # the flag's dest is the RunConfig field's name
+            given[name] = getattr(args, name)
     return given
 
 

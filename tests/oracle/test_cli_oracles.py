@@ -177,3 +177,12 @@ def test_text_encoder_and_its_precomputed_embeddings_give_the_same_stream(
     assert len(live) == len(pre) == 2
     for a, b in zip(live, pre, strict=True):
         assert np.array_equal(a, b)
+
+
+def test_a_text_encoder_of_the_wrong_width_exits_2_before_model_work(folders: dict, tmp_path, capsys) -> None:
+    out = tmp_path / "never.npy"
+    argv = ["run", "--preset", "wan-1.3b", "--text-encoder", str(folders["pipe"]), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "d_model=64, need 4096" in err and "field=text_encoder" in err
+    assert not out.exists()

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from diffusers_names import dit_to_diffusers
 from streamdit.errors import CheckpointError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import get_dit_config
@@ -164,16 +165,6 @@ def test_prefix_selection_in_flat_safetensors(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- diffusers layouts
 
-DIT_TOP = {
-    "time_embedding.0.": "condition_embedder.time_embedder.linear_1.",
-    "time_embedding.2.": "condition_embedder.time_embedder.linear_2.",
-    "text_embedding.0.": "condition_embedder.text_embedder.linear_1.",
-    "text_embedding.2.": "condition_embedder.text_embedder.linear_2.",
-    "time_projection.1.": "condition_embedder.time_proj.",
-    "head.head.": "proj_out.",
-}
-DIT_PARTS = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v"}
-DIT_PARTS |= {"o": "to_out.0", "norm3": "norm2", "modulation": "scale_shift_table"}
 RESIDUAL = {
     "residual.0.": "norm1.",
     "residual.2.": "conv1.",
@@ -181,16 +172,6 @@ RESIDUAL = {
     "residual.6.": "conv2.",
 }
 RESIDUAL |= {"shortcut.": "conv_shortcut."}
-
-
-def _dit_to_diffusers(key: str) -> str:
-    for wan, diff in DIT_TOP.items():
-        if key.startswith(wan):
-            return diff + key[len(wan) :]
-    if key == "head.modulation":
-        return "scale_shift_table"
-    key = ".".join(DIT_PARTS.get(p, p) for p in key.split("."))
-    return key.replace(".ffn.0.", ".ffn.net.0.proj.").replace(".ffn.2.", ".ffn.net.2.")
 
 
 def _vae_to_diffusers(key: str, per_level: int = 3) -> str:
@@ -218,7 +199,7 @@ def _vae_to_diffusers(key: str, per_level: int = 3) -> str:
     return f"{top}.{block}{inner}"
 
 
-TO_DIFFUSERS = {"dit": _dit_to_diffusers, "vae": _vae_to_diffusers}
+TO_DIFFUSERS = {"dit": dit_to_diffusers, "vae": _vae_to_diffusers}
 CLASS = {"dit": "WanTransformer3DModel", "vae": "AutoencoderKLWan"}
 SUBFOLDER = {"dit": "transformer", "vae": "vae"}
 

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from diffusers_names import dit_to_diffusers
 from streamdit.errors import CheckpointError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.keymaps import key_map_for
@@ -150,30 +151,9 @@ def test_bf16_file_is_cast_to_module_dtype(tmp_path: Path) -> None:
     assert _same({k: v.float() for k, v in bf.items()}, _state(dst))
 
 
-def _to_diffusers(key: str) -> str:
-    """Wan → diffusers names, written out independently of weights.py's reverse map."""
-    top = {
-        "time_embedding.0.": "condition_embedder.time_embedder.linear_1.",
-        "time_embedding.2.": "condition_embedder.time_embedder.linear_2.",
-        "text_embedding.0.": "condition_embedder.text_embedder.linear_1.",
-        "text_embedding.2.": "condition_embedder.text_embedder.linear_2.",
-        "time_projection.1.": "condition_embedder.time_proj.",
-        "head.head.": "proj_out.",
-    }
-    for wan, diff in top.items():
-        if key.startswith(wan):
-            return diff + key[len(wan) :]
-    if key == "head.modulation":
-        return "scale_shift_table"
-    parts = {"self_attn": "attn1", "cross_attn": "attn2", "q": "to_q", "k": "to_k", "v": "to_v"}
-    parts |= {"o": "to_out.0", "norm3": "norm2", "modulation": "scale_shift_table"}
-    key = ".".join(parts.get(p, p) for p in key.split("."))
-    return key.replace(".ffn.0.", ".ffn.net.0.proj.").replace(".ffn.2.", ".ffn.net.2.")
-
-
 def test_diffusers_key_map(tmp_path: Path) -> None:
     src, dst = _model(0), _model(1)
-    tensors = {_to_diffusers(k): v for k, v in src.state_dict().items()}
+    tensors = {dit_to_diffusers(k): v for k, v in src.state_dict().items()}
     assert "blocks.1.attn2.to_out.0.weight" in tensors and "blocks.0.norm2.weight" in tensors
     path = _write(tmp_path / "diffusers.safetensors", tensors)
     with pytest.raises(CheckpointError, match="missing"):
@@ -249,7 +229,7 @@ def test_dit_round_trip_and_meta_check(tmp_path: Path) -> None:
 
 def test_diffusers_layout_is_detected_by_the_new_api(tmp_path: Path) -> None:
     src, dst = _model(0), _model(1)
-    path = _write(tmp_path / "d.safetensors", {_to_diffusers(k): v for k, v in src.state_dict().items()})
+    path = _write(tmp_path / "d.safetensors", {dit_to_diffusers(k): v for k, v in src.state_dict().items()})
     report = load_checkpoint_into(dst, open_checkpoint(path))
     assert report.layout == "diffusers" and _same(_state(src), _state(dst))
     plan = check_checkpoint(_model(2), path)  # a path works as a source too

@@ -102,6 +102,24 @@ def resolve_folder(path: str | Path) -> tuple[Path, Path]:
     return model_dir, tok_dir
 
 
+def read_config(path: str | Path, *, expect_dim: int | None = None) -> Any:
+    """The `UMT5Config` of a local folder (no weights read); `expect_dim`: the d_model the caller
+    needs (a DiT's text_dim), refused with a ConfigError otherwise."""
+    model_dir, _ = resolve_folder(path)
+    from transformers import UMT5Config
+
+    try:
+        config = UMT5Config.from_pretrained(str(model_dir), local_files_only=True)
+    except Exception as exc:
+        raise _error(f"cannot read config.json: {type(exc).__name__}: {exc}", model_dir) from exc
+    if expect_dim is not None and config.d_model != expect_dim:
+        raise _error(
+            f"text_dim mismatch: the encoder outputs d_model={config.d_model}, need {expect_dim}",
+            model_dir,
+        )
+    return config
+
+
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local folder (a tokenizer folder, model folder or diffusers root)."""
     folder = Path(path).expanduser()
@@ -152,17 +170,9 @@ class UMT5TextEncoder(nn.Module):
     ) -> UMT5TextEncoder:
         """Load model and tokenizer from a local folder (see the module docstring for layouts)."""
         model_dir, tok_dir = resolve_folder(path)
-        from transformers import UMT5Config, UMT5EncoderModel
+        from transformers import UMT5EncoderModel
 
-        try:
-            config = UMT5Config.from_pretrained(str(model_dir), local_files_only=True)
-        except Exception as exc:
-            raise _error(f"cannot read config.json: {type(exc).__name__}: {exc}", model_dir) from exc
-        if expect_dim is not None and config.d_model != expect_dim:
-            raise _error(
-                f"text_dim mismatch: the encoder outputs d_model={config.d_model}, need {expect_dim}",
-                model_dir,
-            )
+        config = read_config(path, expect_dim=expect_dim)
         tokenizer = load_tokenizer(tok_dir)
         try:
             model = UMT5EncoderModel.from_pretrained(

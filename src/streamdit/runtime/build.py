@@ -10,7 +10,6 @@ construct them). Constructors only allocate; nothing here runs inference or a co
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from streamdit.model.presets import DiTConfig, get_dit_config
 from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
 from streamdit.model.text import HashTextEncoder, TextEncoder
 from streamdit.model.text_embeddings import PrecomputedTextEncoder, save_text_embeddings
-from streamdit.model.umt5 import UMT5TextEncoder, resolve_folder
+from streamdit.model.umt5 import UMT5TextEncoder, read_config
 from streamdit.model.vae import CausalVideoVAE, VAEConfig, get_vae_config, pixel_frames
 from streamdit.model.weights import (
     CheckpointSource,
@@ -141,13 +140,7 @@ def _validate_text(cfg: RunConfig, dit: DiTConfig, timeline: Timeline) -> None:
     """The text source must fit the DiT's text path, and precomputed embeddings must cover every
     prompt of the timeline (a live prompt without one is refused when it is submitted)."""
     if cfg.text_encoder is not None:
-        model_dir, _ = resolve_folder(cfg.text_encoder)
-        d_model = _json_field(model_dir / "config.json", "d_model")
-        if d_model != dit.text_dim:
-            raise ConfigError(
-                f"text encoder {model_dir} outputs d_model={d_model}, the {dit.name} DiT takes "
-                f"text_dim={dit.text_dim} [field=text_encoder]"
-            )
+        read_config(cfg.text_encoder, expect_dim=dit.text_dim)  # the config only, no weights
     if cfg.text_embeddings is not None:
         table = PrecomputedTextEncoder.load(cfg.text_embeddings, text_len=dit.text_len, text_dim=dit.text_dim)
         table.check_prompts(e.prompt for e in timeline.entries)
@@ -161,13 +154,6 @@ def live_prompt_check(cfg: RunConfig) -> Callable[[str], None] | None:
     dit = get_dit_config(cfg.preset)
     table = PrecomputedTextEncoder.load(cfg.text_embeddings, text_len=dit.text_len, text_dim=dit.text_dim)
     return lambda prompt: table.check_prompts([prompt])
-
-
-def _json_field(path: Path, name: str) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")).get(name)
-    except (OSError, ValueError, AttributeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc} [field=text_encoder]") from exc
 
 
 def _meta_dit(dit: DiTConfig) -> CausalWanDiT:
