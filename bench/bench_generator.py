@@ -28,6 +28,7 @@ import torch
 
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
+from streamdit.model.fp8 import quantize_blocks
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import dit_flops_per_call, get_dit_config
 
@@ -106,15 +107,34 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     }
 
 
+def fp8_matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> dict:
+    """e4m3 `_scaled_mm` rate on random data (tensorwise scales: the kernel's ceiling)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = [torch.randn(n, n, device=device, generator=gen).to(torch.float8_e4m3fn) for _ in range(3)]
+    b = [torch.randn(n, n, device=device, generator=gen).to(torch.float8_e4m3fn).t() for _ in range(3)]
+    one = torch.ones((), device=device)
+    i = [0]
+
+    def mm() -> None:
+        i[0] += 1
+        torch._scaled_mm(a[i[0] % 3], b[i[0] % 3], scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
+    ms = statistics.median(time_ms(mm, iters, 5, device))
+    return {"n": n, "median_ms": ms, "tflops": 2 * n**3 / (ms / 1e3) / 1e12}
+
+
 def build(
     args: argparse.Namespace, device: torch.device
 ) -> tuple[CausalWanDiT, KVCache, CrossAttnCache, dict]:
     cfg = get_dit_config(args.preset)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    backend = resolve_attention_backend(args.attn_backend, device, dtype)
+    backend = resolve_attention_backend(args.attn_backend, device, dtype, head_dim=cfg.head_dim)
     t0 = time.perf_counter()
     model = CausalWanDiT(cfg, device=device, dtype=dtype, attn_backend=backend)
     model.init_weights(args.seed)
+    if args.fp8:
+        quantize_blocks(model.blocks)
+    model.fuse_projections()  # as build_generator does
     model.eval()
     sync(device)
     tpf = (args.height // 16) * (args.width // 16)
@@ -201,12 +221,14 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda:0")
+    p.add_argument("--fp8", action="store_true", help="FP8 linear layers in the blocks (streamdit --fp8)")
     p.add_argument("--profile", action="store_true", help="print the heaviest kernels per call")
     p.add_argument("--matmul-n", type=int, default=8192)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     device = torch.device(args.device)
     peak = matmul_peak_tflops(device, n=args.matmul_n)
+    fp8_peak = fp8_matmul_peak_tflops(device, n=args.matmul_n) if args.fp8 else None
     model, kv, cross, info = build(args, device)
     results = []
     for variant in args.variants.split(","):
@@ -216,6 +238,8 @@ def main() -> int:
         res = bench_variant(model, kv, cross, args, device, compiled=variant == "compile")
         res["variant"] = variant
         res["fraction_of_peak"] = res["tflops_achieved"] / peak["tflops"]
+        if fp8_peak is not None:
+            res["fraction_of_fp8_peak"] = res["tflops_achieved"] / fp8_peak["tflops"]
         results.append(res)
         print(json.dumps(res), flush=True)
     out = {
@@ -227,6 +251,7 @@ def main() -> int:
         "geometry": [args.height, args.width],
         "dtype": str(model.patch_embedding.weight.dtype),
         "matmul_peak": peak,
+        "fp8_matmul_peak": fp8_peak,
         "model": info,
         "results": results,
         "chunk_generator_ms_4_steps_plus_recompute": [5 * r["ms_per_call_median"] for r in results],

@@ -81,7 +81,7 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="wan-14b")
-    p.add_argument("--vae", default="wan")
+    p.add_argument("--vae", default="wan", choices=["wan", "tiny"], help="Phase C decoder (streamdit --vae)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--height", type=int, default=320)

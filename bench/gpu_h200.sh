@@ -43,6 +43,51 @@ recipes)
         --job "self-forcing=--recipe self-forcing ${WAN[*]} --chunks 12" \
         --job "streamdit=--recipe streamdit ${WAN[*]} --chunks 12"
     ;;
+kernels)
+    # issue 17: attention (plain vs KV-biased) per backend, bf16 vs FP8 linears, matmul peaks
+    python bench/bench_kernels.py --out "$OUT/kernels_h200.json"
+    ;;
+dev17)
+    # issue 17, first look: the new default backend and --fp8 on plain and soft-transition streams
+    W="${WAN[*]} --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_dev17_h200.json" --skip 2 --job-timeout 200 \
+        --job "flash=$W --attn-backend flash" --job "auto=$W" \
+        --job "auto-soft=$W --timeline bench/soft_stream.json" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 --timeline bench/soft_stream.json"
+    ;;
+perf17a)
+    # issue 17: Phase C's decoders, then wan-14b 320x576 side by side: the landed default (its
+    # code in .base/src: git archive of the previous landing) vs today's, --fp8, --vae tiny,
+    # plain and soft-transition streams
+    python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
+    W="${WAN[*]} --chunks 12"
+    S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 150 \
+        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    ;;
+perf17b)
+    # issue 17, the final configuration: decoders at both geometries; wan-14b 320x576 side by
+    # side with the landed default (.base/src); wan-1.3b 480x832 (Self-Forcing's setting);
+    # the deviation of --fp8 from bf16 over 10 chunks (lossless .npy); the FP8 kernel profile
+    python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
+    python bench/bench_vae.py --height 480 --width 832 --out "$OUT/vae_480x832_h200.json"
+    W="${WAN[*]} --chunks 12"
+    S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 120 \
+        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    SF="--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --compile --chunks 12"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan13b_480x832_h200.json" --skip 2 --job-timeout 100 \
+        --src 1.3b-before=.base/src --job "1.3b-before=$SF" --job "1.3b=$SF" --job "1.3b-tiny=$SF --vae tiny"
+    python bench/bench_e2e.py --out "$OUT/fp8_deviation_wan14b_h200.json" --skip 2 --job-timeout 100 \
+        --video-suffix .npy --job "bf16=${WAN[*]} --chunks 10" --job "fp8=${WAN[*]} --chunks 10 --fp8" \
+        --compare bf16,fp8
+    python bench/bench_generator.py --preset wan-14b --variants compile --fp8 --profile \
+        --out "$OUT/generator_fp8_profile_h200.json"
+    ;;
 *)
     echo "unknown stage $stage" >&2
     exit 2

@@ -74,8 +74,10 @@ class RunConfig:
     """Re-check weight fingerprints (OM-12) on every later chunk that re-initializes the cache."""
     preset: str = "tiny"
     """DiT preset: tiny | wan-1.3b | wan-14b."""
-    vae: str | None = None
-    """VAE preset (tiny | wan); default: tiny for the tiny DiT, wan otherwise."""
+    vae: str = "wan"
+    """Phase C's decoder: wan (the Wan VAE's own decoder) | tiny (the TAEHV tiny decoder for Wan
+    latents, several times faster; the Wan VAE still encodes). The Wan VAE's size follows
+    --preset (small for the tiny DiT)."""
     height: int = 128
     """Pixel height, a multiple of 16."""
     width: int = 192
@@ -107,6 +109,9 @@ class RunConfig:
     """float32 | bfloat16."""
     attn_backend: str = "auto"
     """SDPA backend: auto | flash | efficient | cudnn | math (auto resolves once at startup)."""
+    fp8: bool = False
+    """FP8 (e4m3, rowwise-scaled) linear layers in the DiT blocks: CUDA, compute capability >= 8.9,
+    bfloat16 only."""
     compile: bool = False
     """torch.compile the generator's blocks (one shared graph; cache bookkeeping stays eager)."""
     compile_backend: str = "inductor"
@@ -143,6 +148,8 @@ class RunConfig:
     (generator, model, ...) or a key prefix ending in '.'; default: the only one / generator."""
     vae_checkpoint: Path | None = None
     """VAE weights: Wan2.1_VAE.pth, .safetensors or a diffusers AutoencoderKLWan folder."""
+    tiny_vae_checkpoint: Path | None = None
+    """TAEHV decoder weights for --vae tiny (taew2_1.pth or .safetensors); default: seeded."""
     latent_norm: str = "auto"
     """VAE latent statistics: auto (wan2.1 with real VAE weights, identity with synthetic
     ones) | identity | wan2.1."""
@@ -169,6 +176,12 @@ class RunConfig:
             self.latent_norm in LATENT_NORMS,
             "latent_norm",
             f"{self.latent_norm!r} is not one of {LATENT_NORMS}",
+        )
+        _check(self.vae in VAE_DECODERS, "vae", f"{self.vae!r} is not one of {VAE_DECODERS}")
+        _check(
+            self.tiny_vae_checkpoint is None or self.vae == "tiny",
+            "tiny_vae_checkpoint",
+            "--tiny-vae-checkpoint has no effect without --vae tiny",
         )
         _check(self.blend_chunks >= 1, "blend_chunks", f"must be >= 1, got {self.blend_chunks}")
         _check(
@@ -287,7 +300,8 @@ class RunConfig:
 
     @property
     def vae_preset(self) -> str:
-        return self.vae or ("tiny" if self.preset == "tiny" else "wan")
+        """The Wan VAE's size: the small one for the tiny DiT, Wan2.1's widths otherwise."""
+        return "tiny" if self.preset == "tiny" else "wan"
 
     def parity_items(self) -> dict[str, str]:
         """Every setting that must be equal on all ranks, as strings (compared at startup)."""
@@ -309,6 +323,7 @@ class RunConfig:
             "shift": repr(self.shift),
             "dtype": self.dtype,
             "attn_backend": self.attn_backend,
+            "fp8": str(self.fp8),
             "compile": str(self.compile),
             "compile_backend": self.compile_backend,
             "compile_mode": self.compile_mode,
@@ -331,6 +346,8 @@ class RunConfig:
             parts.append("seeded synthetic DiT weights")
         if self.vae_checkpoint is None:
             parts.append("seeded synthetic VAE weights")
+        if self.vae == "tiny" and self.tiny_vae_checkpoint is None:
+            parts.append("seeded synthetic tiny-decoder weights")
         if self.text_encoder is None and self.text_embeddings is None:
             parts.append("the hash text encoder")
         if not parts:
@@ -351,6 +368,9 @@ class RunConfig:
     def hook(self, name: str, default: str | None = None) -> str | None:
         """Value of the test hook STREAMDIT_TEST_<NAME>, or default."""
         return self.test_hooks.get(TEST_HOOK_PREFIX + name, default)
+
+
+VAE_DECODERS = ("wan", "tiny")
 
 
 def _check(ok: bool, name: str, why: str) -> None:

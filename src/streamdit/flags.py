@@ -17,6 +17,7 @@ from streamdit.config import (
     LATENT_NORMS,
     RECOMPUTE,
     TOPOLOGIES,
+    VAE_DECODERS,
     WARMUP,
     RunConfig,
     is_tty_allowed,
@@ -67,7 +68,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         help="check weight fingerprints at startup only, not again on each cache re-init",
     )
     p.add_argument("--preset", default=d.preset, help="DiT preset: tiny | wan-1.3b | wan-14b")
-    p.add_argument("--vae", default=None, help="VAE preset: tiny | wan (default follows --preset)")
+    p.add_argument(
+        "--vae",
+        default=d.vae,
+        choices=list(VAE_DECODERS),
+        help="Phase C decoder: wan (the Wan VAE) | tiny (TAEHV tiny decoder; the Wan VAE still encodes)",
+    )
     p.add_argument("--height", type=int, default=d.height, help="pixel height, multiple of 16")
     p.add_argument("--width", type=int, default=d.width, help="pixel width, multiple of 16")
     p.add_argument("--chunks", type=int, default=d.chunks, help="chunks to generate")
@@ -91,6 +97,11 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
     p.add_argument("--attn-backend", default=d.attn_backend, help="auto | flash | efficient | cudnn | math")
+    p.add_argument(
+        "--fp8",
+        action="store_true",
+        help="FP8 linear layers in the DiT blocks (CUDA, capability >= 8.9, bfloat16)",
+    )
     p.add_argument(
         "--compile", action="store_true", help="torch.compile the generator (warmed up at startup)"
     )
@@ -146,6 +157,12 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="VAE weights: Wan2.1_VAE.pth, .safetensors, a diffusers AutoencoderKLWan folder",
+    )
+    p.add_argument(
+        "--tiny-vae-checkpoint",
+        type=Path,
+        default=None,
+        help="TAEHV decoder weights for --vae tiny (taew2_1.pth or .safetensors)",
     )
     p.add_argument(
         "--latent-norm",
@@ -227,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         device=args.device,
         dtype=args.dtype,
         attn_backend=args.attn_backend,
+        fp8=args.fp8,
         compile=args.compile,
         compile_backend=args.compile_backend,
         compile_mode=args.compile_mode,
@@ -236,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         checkpoint=args.checkpoint,
         checkpoint_select=_checkpoint_select(args),
         vae_checkpoint=args.vae_checkpoint,
+        tiny_vae_checkpoint=args.tiny_vae_checkpoint,
         latent_norm=args.latent_norm,
         text_encoder=args.text_encoder,
         text_embeddings=args.text_embeddings,

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from streamdit.errors import ConfigError
-from streamdit.model.attention import kernel_for, resolve_attention_backend, sdpa
-from streamdit.model.dit import CausalWanDiT, WanRMSNorm, kv_bias_mask
+from streamdit.model.attention import KeyBias, biased_attention, resolve_attention_backend, sdpa
+from streamdit.model.dit import CausalWanDiT, WanRMSNorm, kv_key_bias
 from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache
 from streamdit.model.presets import get_dit_config
 from streamdit.model.rope import apply_rope, rope_angles, rope_bands
@@ -131,31 +131,68 @@ def test_kv_bias_one_is_the_unmasked_path_and_below_one_changes_output() -> None
     assert not torch.allclose(biased[1], plain[1], atol=1e-4)
 
 
-def test_kv_bias_mask_scales_cached_key_probabilities() -> None:
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 2, 5, 8, generator=gen)
-    k, v = torch.randn(1, 2, 10, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+def _biased_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int, hi: int, bias: float
+) -> torch.Tensor:
+    """Attention with keys [lo, hi) weighted by `bias`, written out: softmax, scale, renormalize."""
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    probs[..., lo:hi] *= bias
+    return (probs / probs.sum(-1, keepdim=True)) @ v
+
+
+def _qkv(seed: int, lq: int = 5, lk: int = 10, d: int = 8) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, 2, n, d, generator=gen) for n in (lq, lk, lk))
+
+
+def test_kv_bias_scales_cached_key_probabilities() -> None:
+    q, k, v = _qkv(3)
     slots = ChunkSlots(start_frame=2, num_frames=1, write_start=4, write_end=10)
-    mask = kv_bias_mask(slots, 0.25, dtype=torch.float32, device=CPU)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
-    probs[..., :4] *= 0.25  # cached keys weighted by the multiplier, then renormalized
-    expected = (probs / probs.sum(-1, keepdim=True)) @ v
-    torch.testing.assert_close(sdpa(q, k, v, backend="math", attn_mask=mask), expected)
-    assert kv_bias_mask(slots, 1.0, dtype=torch.float32, device=CPU) is None
+    key_bias = kv_key_bias(slots, 0.25, device=CPU)
+    assert key_bias is not None and (key_bias.start, key_bias.end) == (0, 4)
+    expected = _biased_reference(q, k, v, 0, 4, 0.25)  # cached keys weighted, then renormalized
+    torch.testing.assert_close(sdpa(q, k, v, backend="math", key_bias=key_bias), expected)
+    assert kv_key_bias(slots, 1.0, device=CPU) is None
 
 
 def test_kv_bias_can_spare_the_first_cached_keys() -> None:
     """Scope's rule: the recompute anchor (the first cached frame) keeps its weight."""
-    gen = torch.Generator().manual_seed(4)
-    q = torch.randn(1, 2, 5, 8, generator=gen)
-    k, v = torch.randn(1, 2, 10, 8, generator=gen), torch.randn(1, 2, 10, 8, generator=gen)
+    q, k, v = _qkv(4)
     slots = ChunkSlots(start_frame=2, num_frames=1, write_start=4, write_end=10)
-    mask = kv_bias_mask(slots, 0.25, dtype=torch.float32, device=CPU, spare_tokens=2)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(8), dim=-1)
-    probs[..., 2:4] *= 0.25  # keys 0..1 spared, 2..3 biased, the chunk's own keys untouched
-    expected = (probs / probs.sum(-1, keepdim=True)) @ v
-    torch.testing.assert_close(sdpa(q, k, v, backend="math", attn_mask=mask), expected)
-    assert kv_bias_mask(slots, 0.25, dtype=torch.float32, device=CPU, spare_tokens=4) is None
+    key_bias = kv_key_bias(slots, 0.25, device=CPU, spare_tokens=2)
+    expected = _biased_reference(q, k, v, 2, 4, 0.25)  # keys 0..1 spared, the chunk's own untouched
+    torch.testing.assert_close(sdpa(q, k, v, backend="math", key_bias=key_bias), expected)
+    assert kv_key_bias(slots, 0.25, device=CPU, spare_tokens=4) is None
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 40), (8, 40), (1, 70), (30, 31)])
+def test_biased_attention_by_log_sum_exp_equals_the_masked_call(lo: int, hi: int) -> None:
+    """The fused path: one kernel call per key span, mixed by log-sum-exp, equals the one masked
+    math call (PyTorch's flash kernel for CPU stands in for the CUDA kernels here)."""
+    q, k, v = _qkv(5, lq=24, lk=70, d=16)
+    key_bias = KeyBias(lo, hi, torch.tensor(math.log(0.3)))
+    expected = _biased_reference(q, k, v, lo, hi, 0.3)
+    torch.testing.assert_close(biased_attention(q, k, v, key_bias, kernel="flash"), expected)
+    torch.testing.assert_close(sdpa(q, k, v, backend="math", key_bias=key_bias), expected)
+    # a real bias: the unbiased result is far from it (the check above can fail)
+    assert not torch.allclose(sdpa(q, k, v, backend="math"), expected, atol=1e-3)
+
+
+def test_biased_attention_with_every_key_biased_is_plain_attention() -> None:
+    q, k, v = _qkv(7, lq=24, lk=70, d=16)  # one span: a constant weight on all keys cancels
+    key_bias = KeyBias(0, 70, torch.tensor(math.log(0.3)))
+    torch.testing.assert_close(
+        biased_attention(q, k, v, key_bias, kernel="flash"), sdpa(q, k, v, backend="math")
+    )
+
+
+def test_biased_attention_in_bfloat16_stays_within_rounding() -> None:
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(6, lq=32, lk=96, d=64))
+    key_bias = KeyBias(16, 64, torch.tensor(math.log(0.2)))
+    expected = _biased_reference(q.float(), k.float(), v.float(), 16, 64, 0.2)
+    got = biased_attention(q, k, v, key_bias, kernel="flash")
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("bad", [0.0, -0.5, 1.5])
@@ -404,8 +441,9 @@ def test_stream_output_is_invariant_to_a_shift_of_all_frame_indices() -> None:
 def test_attention_backend_resolution() -> None:
     cuda = torch.device("cuda", 0)  # only inspected, never allocated on
     assert resolve_attention_backend("auto", CPU, torch.bfloat16) == "math"
-    assert resolve_attention_backend("auto", cuda, torch.bfloat16) == "flash"
-    assert resolve_attention_backend("auto", cuda, torch.float32) == "math"
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16, cudnn_ok=True) == "cudnn"
+    assert resolve_attention_backend("auto", cuda, torch.bfloat16, cudnn_ok=False) == "flash"
+    assert resolve_attention_backend("auto", cuda, torch.float32, cudnn_ok=True) == "math"
     assert resolve_attention_backend("efficient", cuda, torch.float32) == "efficient"
     for name, device, dtype in (
         ("bogus", CPU, torch.float32),
@@ -418,15 +456,14 @@ def test_attention_backend_resolution() -> None:
         CausalWanDiT(CFG, torch.device("meta"), torch.float32, "auto")  # must be resolved
 
 
-def test_sdpa_is_pinned_and_flash_with_mask_uses_efficient() -> None:
-    assert kernel_for("flash", has_mask=True) == "efficient"
-    assert kernel_for("flash", has_mask=False) == "flash"
-    assert kernel_for("cudnn", has_mask=True) == "cudnn"
+def test_sdpa_is_pinned() -> None:
     q = torch.randn(1, 2, 5, 8)
     torch.testing.assert_close(sdpa(q, q, q, backend="flash"), sdpa(q, q, q, backend="math"))
     # Pinned means no silent fallback: a kernel this device lacks is an error, not math.
     with pytest.raises(RuntimeError):
         sdpa(q, q, q, backend="efficient")
+    with pytest.raises(ConfigError, match="not a resolved backend"):
+        sdpa(q, q, q, backend="auto")
 
 
 def test_compiled_blocks_share_one_graph_and_see_static_shapes() -> None:

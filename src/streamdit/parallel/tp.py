@@ -140,10 +140,16 @@ def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.narrow(dim, rank * n, n).clone()
 
 
+PER_OUTPUT_ROW = ("weight", "bias", "weight_scale")
+"""Tensors indexed by output row, sliced with the weight's rows (an FP8 layer's row scales too;
+a row-parallel shard keeps every row, so its scales stay whole)."""
+
+
 def _keep_rows(module: nn.Module, rank: int, size: int) -> None:
-    module.weight = nn.Parameter(_slice(module.weight.data, 0, rank, size), requires_grad=False)
-    if getattr(module, "bias", None) is not None:
-        module.bias = nn.Parameter(_slice(module.bias.data, 0, rank, size), requires_grad=False)
+    for name in PER_OUTPUT_ROW:
+        if getattr(module, name, None) is not None:
+            tensor = getattr(module, name).data
+            setattr(module, name, nn.Parameter(_slice(tensor, 0, rank, size), requires_grad=False))
 
 
 def _keep_cols(module: nn.Module, rank: int, size: int) -> None:

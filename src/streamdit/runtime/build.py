@@ -24,8 +24,10 @@ from streamdit.errors import ConfigError
 from streamdit.media import probe_video, read_video_frames
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
+from streamdit.model.fp8 import fp8_supported, quantize_blocks
 from streamdit.model.presets import DiTConfig, get_dit_config
 from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
+from streamdit.model.taehv import TinyVAEConfig, TinyVideoDecoder, load_tiny_decoder_state
 from streamdit.model.text import HashTextEncoder, TextEncoder
 from streamdit.model.text_embeddings import PrecomputedTextEncoder, save_text_embeddings
 from streamdit.model.umt5 import UMT5TextEncoder, read_config
@@ -82,7 +84,9 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     dit = get_dit_config(cfg.preset)
     device = resolve_device(cfg.device)
     dtype = DTYPE_BY_NAME[cfg.dtype]
-    backend = resolve_attention_backend(cfg.attn_backend, device, dtype)
+    backend = resolve_attention_backend(cfg.attn_backend, device, dtype, head_dim=dit.head_dim)
+    if cfg.fp8:
+        _check_fp8(device, dtype)
     validate_step_list(cfg.denoising_step_list)
     if cfg.checkpoint is not None:
         with dit_checkpoint(cfg) as source:
@@ -103,6 +107,14 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     )
 
 
+def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
+    why = fp8_supported(device)
+    if why is None and dtype != torch.bfloat16:
+        why = f"FP8 layers compute in bfloat16, got dtype {dtype}"
+    if why is not None:
+        raise ConfigError(f"--fp8 cannot run here: {why} [field=fp8]")
+
+
 def _validate_stage0_inputs(cfg: RunConfig, dit: DiTConfig, dtype: torch.dtype) -> Timeline:
     vae_cfg = vae_config(cfg)
     timeline = Timeline.load(cfg.timeline) if cfg.timeline else Timeline.single(cfg.prompt)
@@ -114,6 +126,9 @@ def _validate_stage0_inputs(cfg: RunConfig, dit: DiTConfig, dtype: torch.dtype) 
             if source.config is not None:
                 check_vae_config(vae_cfg, source.config)
             check_checkpoint(CausalVideoVAE(vae_cfg, device=torch.device("meta"), dtype=dtype), source)
+    if cfg.tiny_vae_checkpoint is not None:  # keys and shapes, on a meta model: nothing is copied
+        meta = TinyVideoDecoder(TinyVAEConfig(), device="meta", dtype=dtype)
+        load_tiny_decoder_state(meta, _tiny_state(cfg.tiny_vae_checkpoint))
     return timeline
 
 
@@ -168,6 +183,10 @@ def build_model(run: ValidatedRun) -> CausalWanDiT:
             log.info("DiT weights: %s", load_checkpoint_into(model, source).summary())
     else:
         model.init_weights(run.cfg.seed)
+    if run.cfg.fp8:  # after loading, before TP shards (shards keep their rows' scales)
+        log.info(
+            "FP8: %d linear layers of the DiT blocks quantized (e4m3, rowwise)", quantize_blocks(model.blocks)
+        )
     return model.eval()
 
 
@@ -178,6 +197,7 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
     """
     cfg = run.cfg
     model = model if model is not None else build_model(run)
+    model.fuse_projections()  # after loading, FP8 and TP: each rank fuses what it holds
     probe = None
     if cfg.compile:
         # One compiled generator per process: a previous model's cache entries would count
@@ -255,7 +275,8 @@ def encode_text_file(cfg: RunConfig, prompts: list[str], out: Path) -> int:
     return len(unique)
 
 
-def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE]:
+def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE, TinyVideoDecoder | None]:
+    """Rank0's text encoder, Wan VAE and (`--vae tiny`) the tiny decoder Phase C uses instead."""
     cfg = run.cfg
     text = build_text_encoder(run)
     vae = CausalVideoVAE(vae_config(cfg), device=run.device, dtype=run.dtype)
@@ -265,8 +286,28 @@ def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE]:
             log.info("VAE weights: %s", load_checkpoint_into(vae, source).summary())
     else:
         vae.init_weights(cfg.seed + VAE_SEED_OFFSET)
+    if run.device.type == "cuda":
+        vae.to_channels_last()
     vae.eval()
-    return text, vae
+    return text, vae, build_tiny_decoder(cfg, run.device, run.dtype)
+
+
+def build_tiny_decoder(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TinyVideoDecoder | None:
+    """`--vae tiny`: the TAEHV decoder, from `--tiny-vae-checkpoint` or seeded (None otherwise)."""
+    if cfg.vae != "tiny":
+        return None
+    decoder = TinyVideoDecoder(TinyVAEConfig(), device=device, dtype=dtype)
+    if cfg.tiny_vae_checkpoint is None:
+        decoder.init_weights(cfg.seed + VAE_SEED_OFFSET)
+    else:
+        load_tiny_decoder_state(decoder, _tiny_state(cfg.tiny_vae_checkpoint))
+        log.info("tiny decoder weights: %s", cfg.tiny_vae_checkpoint)
+    return decoder.eval()
+
+
+def _tiny_state(path: Path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as source:
+        return {key: source.get(key) for key in source.shapes()}
 
 
 def load_input_frames(run: ValidatedRun) -> tuple[np.ndarray | None, int]:

@@ -1,11 +1,12 @@
 """The rank0 chunk loop shared by every topology: Phase A → (publish) → Phase B → (check) → Phase C.
 
-Owns: `StreamOutputs` (the output files and summary every rank0 loop shares) and `drive()`,
-which owns the output video, the metrics file and the progress bar for one
-stream, honours drain requests between chunks, and closes every file in `finally` so a crash
-or a signal leaves a valid video. Phase B is the rank's `PhaseB` unit (its digests included);
-topologies plug in one hook: `publish` (TP: broadcast the chunk's envelope to the workers before
-rank0 runs its own shard). `single` passes none.
+Owns: `StreamOutputs` (the output files, their writer thread and the summary every rank0 loop
+shares) and `drive()`, which runs one stream's chunks, honours drain requests between chunks,
+and leaves through `StreamOutputs.__exit__`, so a crash or a signal leaves a valid video holding
+every chunk emitted. On a GPU the loop never waits for the device to time a phase (CUDA-event
+`PhaseMarks`) and runs at most one chunk ahead of it. Phase B is the rank's `PhaseB` unit (its
+digests included); topologies plug in one hook: `publish` (TP: broadcast the chunk's envelope to
+the workers before rank0 runs its own shard). `single` passes none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
+from streamdit.runtime.output import OutputError, OutputWorker, PhaseMarks
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GeneratorInputs
 from streamdit.runtime.stage0 import Stage0
@@ -61,11 +62,15 @@ def sync(device: torch.device) -> None:
 class StreamOutputs:
     """rank0's output files of one stream: video, metrics, progress bar, and its summary.
 
-    Used as a context manager by every loop (`drive`, the pp pipelined loop): files are closed
-    on any exit, so a crash or a signal leaves a valid video.
+    Used as a context manager by every loop (`drive`, the pp pipelined loop). `emit` hands a
+    chunk to the writer thread (runtime/output.py); on any exit the queue is drained and the
+    files are closed, so a crash or a signal leaves a valid video holding every chunk emitted.
+    `guard` (tp): held around every frame write (see `drive`).
     """
 
-    def __init__(self, cfg: RunConfig, chunks: int, live: LiveStream | None = None) -> None:
+    def __init__(
+        self, cfg: RunConfig, chunks: int, live: LiveStream | None = None, guard: threading.Lock | None = None
+    ) -> None:
         self.cfg = cfg
         self.t_start = time.monotonic()
         self.writer: VideoWriter = (
@@ -75,14 +80,30 @@ class StreamOutputs:
         )
         self.metrics = MetricsWriter(cfg.metrics)
         self.progress = Progress(chunks, enabled=cfg.progress)
+        emitted = None if live is None else live.emitted
+        self.worker = OutputWorker(
+            self.writer, self.metrics, self.progress, t_start=self.t_start, emitted=emitted, guard=guard
+        )
+
+    def emit(self, frames: torch.Tensor, record: ChunkMetrics, marks: PhaseMarks | None = None) -> None:
+        """One chunk's uint8 `[T, H, W, 3]` frames (any device) and its record, in order."""
+        self.worker.submit(frames, record, marks)
 
     def __enter__(self) -> StreamOutputs:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.progress.close()
-        self.writer.close()
-        self.metrics.close()
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            self.worker.close()
+        except OutputError:
+            if exc is None:
+                raise
+            if not isinstance(exc, OutputError):  # the stream's own error stays the one raised
+                log.exception("the output failed too, while the stream ended on %r", exc)
+        finally:
+            self.progress.close()
+            self.writer.close()
+            self.metrics.close()
 
     def summary(
         self, stop: StopFlag, *, dropped_stale: int = 0, overlap_score: float | None = None
@@ -116,46 +137,44 @@ def drive(
     from another thread never cuts a write in half. `live` (serve): the chunk boundary waits
     there while paused, calling `keepalive` (tp: a NOOP to the workers), and every emitted chunk
     is reported to it."""
-    with StreamOutputs(cfg, chunks, live) as outputs:
-        writer, metrics, progress = outputs.writer, outputs.metrics, outputs.progress
+    with StreamOutputs(cfg, chunks, live, guard) as outputs:
+        previous: PhaseMarks | None = None
         for k in range(chunks):
             if live is not None:
                 live.boundary(keepalive)
             if stop.requested:
                 log.warning("draining after %d chunks (%s)", k, stop.reason)
                 break
-            t0 = time.perf_counter()
+            marks = PhaseMarks(device)
             ids, inputs, notes = stage0.prepare(k)
             if publish is not None:
                 publish(ids, inputs)
-            sync(device)
-            t1 = time.perf_counter()
+            marks.mark()
+            if previous is not None:
+                # one chunk ahead of the device at most: Phase A of chunk k overlaps the decode
+                # of chunk k-1 (no idle gap), and nothing later is queued behind a live change
+                previous.wait()
             calls_before = phase_b.runner.calls_made
             latents = phase_b.infer(ids, inputs)
             faults.received(k, latents)
-            sync(device)
-            t2 = time.perf_counter()
+            marks.mark()
             frames = stage0.finish(latents)
-            with guard or nullcontext():
-                writer.write(frames)
-            t3 = time.perf_counter()
+            marks.mark()
             record = ChunkMetrics(
                 chunk_index=ids.chunk_index,
                 cache_epoch=ids.cache_epoch,
                 call_id=ids.call_id,
                 frames=int(frames.shape[0]),
                 generator_calls=phase_b.runner.calls_made - calls_before,
-                phase_a_ms=(t1 - t0) * 1e3,
-                phase_b_ms=(t2 - t1) * 1e3,
-                phase_c_ms=(t3 - t2) * 1e3,
+                phase_a_ms=0.0,  # the writer thread reads the three from `marks`
+                phase_b_ms=0.0,
+                phase_c_ms=0.0,
                 transition=notes.transition,
                 text_ms=notes.text_ms,
                 kv_recompute=inputs.do_kv_recompute,
             )
-            metrics.write(record)
-            if live is not None:
-                live.emitted(frames, record)
-            progress.update(k + 1, writer.frames_written)
+            outputs.emit(frames, record, marks)
+            previous = marks
             if faults.slow_chunk_ms:
                 time.sleep(faults.slow_chunk_ms / 1e3)
     return outputs.summary(stop)

@@ -35,6 +35,9 @@ class ChunkMetrics:
     kv_recompute: bool
     text_ms: float = 0.0
     """Text-encoder time inside phase A (a new prompt; 0 when every conditioning was cached)."""
+    emit_s: float | None = None
+    """Seconds from the stream's start to when the writer thread had written this chunk's
+    frames (the delivery clock: FPS, chunk periods and time to first frame are read from it)."""
     stage0_ms: float | None = None
     stage1_ms: float | None = None
     period_ms: float | None = None

@@ -30,7 +30,6 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import StaleResult
-from streamdit.media import VideoWriter
 from streamdit.protocol.errors import EnvelopeError
 from streamdit.protocol.header import Action, Ids
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1
@@ -39,7 +38,7 @@ from streamdit.runtime.driver import RunSummary, StreamOutputs, sync
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
-from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress, overlap_score
+from streamdit.runtime.metrics import ChunkMetrics, overlap_score
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs, id_kwargs
 from streamdit.runtime.pp_link import StageLink
 from streamdit.runtime.stage0 import ChunkNotes, Stage0
@@ -82,22 +81,14 @@ class PipelinedDriver:
         link: StageLink,
         device: torch.device,
         faults: FaultPlan,
-        writer: VideoWriter,
-        metrics: MetricsWriter,
-        progress: Progress,
-        guard: threading.Lock,
-        live: LiveStream | None = None,
+        outputs: StreamOutputs,
     ) -> None:
         self.cfg = cfg
-        self.live = live
-        self.guard = guard  # held around frame writes (see driver.drive)
+        self.outputs = outputs  # the writer thread writes, logs and shows each chunk
         self.stage0 = stage0
         self.link = link
         self.device = device
         self.faults = faults
-        self.writer = writer
-        self.metrics = metrics
-        self.progress = progress
         self.pending: deque[InFlight] = deque()
         self.dropped_stale = 0
         self.last_emit: float | None = None
@@ -140,8 +131,6 @@ class PipelinedDriver:
         t0 = time.perf_counter()
         frames = self.stage0.finish(latents)
         self.faults.stage_cost(0)
-        with self.guard:
-            self.writer.write(frames)
         sync(self.device)
         now = time.perf_counter()
         d_in, d_out = self.link.depths()
@@ -165,11 +154,8 @@ class PipelinedDriver:
             d_in=d_in,
             d_out=d_out,
         )
-        self.metrics.write(record)
-        if self.live is not None:
-            self.live.emitted(frames, record)
+        self.outputs.emit(frames, record)
         self.last_emit = now
-        self.progress.update(len(self.metrics.records), self.writer.frames_written)
         if self.faults.slow_chunk_ms:  # test hook: rank0 idles after each chunk (signal windows)
             time.sleep(self.faults.slow_chunk_ms / 1e3)
 
@@ -246,19 +232,8 @@ def drive_pipelined(
 
     `live` (serve): while paused, the pipeline drains (every chunk in flight is shown), then
     idles at the boundary with a NOOP keepalive through the link every keepalive period."""
-    with StreamOutputs(cfg, chunks, live) as outputs:
-        driver = PipelinedDriver(
-            cfg,
-            stage0=stage0,
-            link=link,
-            device=device,
-            faults=faults,
-            writer=outputs.writer,
-            metrics=outputs.metrics,
-            progress=outputs.progress,
-            guard=guard,
-            live=live,
-        )
+    with StreamOutputs(cfg, chunks, live, guard) as outputs:
+        driver = PipelinedDriver(cfg, stage0=stage0, link=link, device=device, faults=faults, outputs=outputs)
         for k in range(chunks):
             if live is not None:
                 live.boundary(driver.keepalive, before_idle=driver.drain)

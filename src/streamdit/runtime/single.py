@@ -33,12 +33,13 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
     input_frames, chunks = load_input_frames(run)
     if live is not None and input_frames is None:
         chunks = LIVE_CHUNKS
-    text, vae = build_stage0_parts(run)
+    text, vae, tiny = build_stage0_parts(run)
     stage0 = Stage0(
         run.cfg,
         timeline=live.timeline if live is not None else run.timeline,
         text_encoder=text,
         vae=vae,
+        tiny_decoder=tiny,
         scheduler=FlowMatchScheduler(shift=run.cfg.shift, warp=run.cfg.recipe_spec.warp_timesteps),
         device=run.device,
         dtype=run.dtype,

@@ -21,6 +21,7 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
+from streamdit.model.taehv import StreamingTinyDecoder, TinyVideoDecoder
 from streamdit.model.text import TextEncoder, blend
 from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
 from streamdit.protocol.header import Ids
@@ -57,6 +58,7 @@ class Stage0:
         device: torch.device,
         dtype: torch.dtype,
         input_frames: np.ndarray | None = None,
+        tiny_decoder: TinyVideoDecoder | None = None,
     ) -> None:
         self.cfg = cfg
         self.timeline = timeline
@@ -67,7 +69,14 @@ class Stage0:
         self.dtype = dtype
         self.input_frames = input_frames
         self.recipe = cfg.recipe_spec
-        self.decoder = StreamingDecoder(vae, upsample_history=self.recipe.vae_time_cache)
+        self.tiny_decoder = tiny_decoder
+        # --vae tiny: the TAEHV decoder shows the frames (the recipe's VAE time-cache rule is
+        # the Wan decoder's); the Wan VAE still encodes input video and re-encoded anchors
+        self.decoder: StreamingDecoder | StreamingTinyDecoder = (
+            StreamingTinyDecoder(tiny_decoder)
+            if tiny_decoder is not None
+            else StreamingDecoder(vae, upsample_history=self.recipe.vae_time_cache)
+        )
         self.encoder = StreamingEncoder(vae)
         self.step_list = torch.tensor(cfg.denoising_step_list, dtype=torch.int64)
         self.latent_hw = (cfg.height // 8, cfg.width // 8)
@@ -240,10 +249,11 @@ class Stage0:
 
     # ---- Phase C -------------------------------------------------------------------------
 
-    def finish(self, latents_out: torch.Tensor) -> np.ndarray:
-        """Decode one chunk's latents, update recompute buffers, return uint8 [T, H, W, 3]: the
-        frames to show (a stream's first `drop_first_frames` are decoded and kept for the
-        recompute anchor, but not shown)."""
+    def finish(self, latents_out: torch.Tensor) -> torch.Tensor:
+        """Decode one chunk's latents, update recompute buffers, return uint8 [T, H, W, 3] on the
+        decoder's device (the writer thread copies it to the host): the frames to show (a
+        stream's first `drop_first_frames` are decoded and kept for the recompute anchor, but
+        not shown)."""
         latents_out = latents_out.to(self.device, self.dtype)
         drop = self.recipe.drop_first_frames if self.decoder.latent_frames_seen == 0 else 0
         if self.first_latent is None:
@@ -289,6 +299,7 @@ def rehearse(stage0: Stage0, max_chunks: int) -> int:
         device=stage0.device,
         dtype=stage0.dtype,
         input_frames=stage0.input_frames,
+        tiny_decoder=stage0.tiny_decoder,
     )
     for k in range(chunks):
         _, inputs, _ = twin.prepare(k)
@@ -296,10 +307,10 @@ def rehearse(stage0: Stage0, max_chunks: int) -> int:
     return chunks
 
 
-def pixels_to_frames(pixels: torch.Tensor) -> np.ndarray:
-    """[1, 3, T, H, W] in [-1, 1] → uint8 [T, H, W, 3]."""
+def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """[1, 3, T, H, W] in [-1, 1] → uint8 [T, H, W, 3] on the same device."""
     x = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(1, 2, 3, 0).contiguous().cpu().numpy()
+    return x.permute(1, 2, 3, 0).contiguous()
 
 
 def frames_to_pixels(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

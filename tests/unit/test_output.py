@@ -1,0 +1,150 @@
+"""The writer thread (runtime/output.py): frames written == frames the metrics claim, always.
+
+- In order, all of it: every submitted chunk is in the video and the metrics, in order, after
+  `close()`, also when the disk is slower than the producer (backpressure, nothing dropped).
+- A failing write (disk full) stops the writer: the loop gets `OutputError` naming the cause and
+  what was written; the video holds exactly the chunks the metrics list.
+- End to end, on a real process: `streamdit run` whose output file hits a size limit (the kernel's
+  RLIMIT_FSIZE: writes fail with EFBIG, as they would with ENOSPC on a full disk) exits 1 with
+  that message, the .npy loads, and its frames equal the metrics' sum; a crash mid-stream keeps
+  every chunk emitted before it, in the video and in the metrics alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streamdit.media import NpyWriter, count_mp4_frames
+from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
+from streamdit.runtime.output import OutputError, OutputWorker
+
+H, W = 8, 12
+pytestmark = pytest.mark.timeout(120)
+
+
+def _record(k: int, frames: int) -> ChunkMetrics:
+    return ChunkMetrics(
+        chunk_index=k,
+        cache_epoch=0,
+        call_id=k,
+        frames=frames,
+        generator_calls=1,
+        phase_a_ms=1.0,
+        phase_b_ms=2.0,
+        phase_c_ms=3.0,
+        transition="none",
+        kv_recompute=False,
+    )
+
+
+def _chunk(k: int, frames: int = 3) -> torch.Tensor:
+    return torch.full((frames, H, W, 3), k, dtype=torch.uint8)
+
+
+class _SlowWriter(NpyWriter):
+    """A disk that takes `delay` s per write and fails with ENOSPC from write `fail_at` on."""
+
+    def __init__(self, path: Path, *, delay: float = 0.0, fail_at: int | None = None) -> None:
+        super().__init__(path, H, W)
+        self.delay, self.fail_at, self.writes = delay, fail_at, 0
+
+    def write(self, frames: np.ndarray) -> None:
+        time.sleep(self.delay)
+        self.writes += 1
+        if self.fail_at is not None and self.writes >= self.fail_at:
+            raise OSError(28, "No space left on device")
+        super().write(frames)
+
+
+def _worker(writer: NpyWriter, metrics: MetricsWriter, depth: int = 2) -> OutputWorker:
+    return OutputWorker(writer, metrics, Progress(1, enabled=False), t_start=time.monotonic(), depth=depth)
+
+
+def test_every_chunk_is_written_in_order_even_behind_a_slow_disk(tmp_path: Path) -> None:
+    writer = _SlowWriter(tmp_path / "v.npy", delay=0.05)
+    metrics = MetricsWriter(tmp_path / "m.jsonl")
+    worker = _worker(writer, metrics, depth=1)
+    t0 = time.monotonic()
+    for k in range(6):
+        worker.submit(_chunk(k), _record(k, 3))
+    worker.close()
+    writer.close()
+    metrics.close()
+    assert time.monotonic() - t0 >= 0.25  # the producer waited for the disk instead of dropping
+    video = np.load(tmp_path / "v.npy")
+    assert video.shape == (18, H, W, 3)
+    assert [int(video[3 * k, 0, 0, 0]) for k in range(6)] == list(range(6))
+    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["chunk_index"] for r in rows] == list(range(6))
+    emits = [r["emit_s"] for r in rows]
+    assert emits == sorted(emits) and emits[0] > 0
+
+
+def test_a_failed_write_stops_the_writer_and_says_what_is_safe(tmp_path: Path) -> None:
+    writer = _SlowWriter(tmp_path / "v.npy", fail_at=3)
+    metrics = MetricsWriter(tmp_path / "m.jsonl")
+    worker = _worker(writer, metrics)
+    with pytest.raises(
+        OutputError, match=r"No space left on device; 2 chunks \(6 frames\) written and valid"
+    ):
+        for k in range(50):  # the loop learns of the failure at a later submit, or at close
+            worker.submit(_chunk(k), _record(k, 3))
+        worker.close()
+    with pytest.raises(OutputError):
+        worker.close()  # still failed: a second close does not pretend otherwise
+    writer.close()
+    metrics.close()
+    assert np.load(tmp_path / "v.npy").shape[0] == 6 == sum(r.frames for r in metrics.records)
+
+
+def _limit_file_size(limit: int) -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _run(tmp_path: Path, suffix: str, *, env: dict[str, str] | None = None, limit: int | None = None):
+    out, metrics = tmp_path / f"v.{suffix}", tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "streamdit", "run", "--height", "32", "--width", "48", "--chunks", "6"]
+    cmd += ["--out", str(out), "--metrics", str(metrics)]
+    preexec = None if limit is None else (lambda: _limit_file_size(limit))
+    proc = subprocess.run(
+        cmd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=100,
+        preexec_fn=preexec,
+    )
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc, out, rows
+
+
+def test_a_full_disk_ends_the_run_with_every_claimed_frame_on_disk(tmp_path: Path) -> None:
+    frame = 32 * 48 * 3
+    limit = 128 + frame * (9 + 12) + frame * 5  # room for chunks 0 and 1, not for chunk 2
+    proc, out, rows = _run(tmp_path, "npy", limit=limit)
+    assert proc.returncode == 1, proc.stderr
+    assert "output: writing failed: [Errno 27] File too large" in proc.stderr
+    assert "2 chunks (21 frames) written and valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert np.load(out).shape[0] == 21 == sum(r["frames"] for r in rows)
+
+
+@pytest.mark.parametrize("suffix", ["npy", "mp4"])
+def test_a_crash_keeps_video_and_metrics_equal(tmp_path: Path, suffix: str) -> None:
+    proc, out, rows = _run(tmp_path, suffix, env={"STREAMDIT_TEST_CRASH_AT_CHUNK": "3"})
+    assert proc.returncode == 1 and "injected crash at chunk 3" in proc.stderr
+    frames = np.load(out).shape[0] if suffix == "npy" else count_mp4_frames(out)
+    assert [r["chunk_index"] for r in rows] == [0, 1, 2]
+    assert frames == sum(r["frames"] for r in rows) == 9 + 2 * 12
