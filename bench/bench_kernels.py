@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generator import time_ms  # noqa: E402
+from bench_generator import fp8_matmul_peak_tflops, matmul_peak_tflops, time_ms  # noqa: E402
 from streamdit.model.attention import KeyBias, sdpa  # noqa: E402
-from streamdit.model.fp8 import FP8, Fp8Linear, _rowwise_quantize  # noqa: E402
+from streamdit.model.fp8 import Fp8Linear, rowwise_quantize  # noqa: E402
 
 DEV = torch.device("cuda")
 MASKED = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -114,7 +114,7 @@ def linear_rows(m: int, shapes: list[tuple[str, int, int]]) -> list[dict]:
         ref = x.float() @ layer.weight.float().t() + layer.bias.float()
         fp8 = Fp8Linear.from_linear(layer)
         fp8_compiled = torch.compile(fp8, fullgraph=True)
-        xq, xs = _rowwise_quantize(x)
+        xq, xs = rowwise_quantize(x)
         wt, ws = fp8.weight.t(), fp8.weight_scale.view(1, -1)
 
         def bare() -> torch.Tensor:
@@ -137,27 +137,11 @@ def linear_rows(m: int, shapes: list[tuple[str, int, int]]) -> list[dict]:
 
 
 def peaks(n: int) -> dict:
-    gen = torch.Generator(device=DEV).manual_seed(2)
-    a = [torch.randn(n, n, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3)]
-    b = [torch.randn(n, n, device=DEV, dtype=torch.bfloat16, generator=gen) for _ in range(3)]
-    qa = [t.to(FP8) for t in a]
-    qb = [t.to(FP8).t().contiguous().t() for t in b]  # column-major B, as _scaled_mm wants
-    one = torch.ones((), device=DEV)
-    i = [0]
-
-    def bf16() -> None:
-        i[0] += 1
-        torch.mm(a[i[0] % 3], b[i[0] % 3])
-
-    def fp8() -> None:
-        i[0] += 1
-        torch._scaled_mm(qa[i[0] % 3], qb[i[0] % 3], scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-
-    flops = 2 * n**3
+    """bf16 and e4m3 matmul rates on random data: bench_generator's measurements."""
     return {
         "n": n,
-        "bf16_tflops": flops / _med(bf16, 20) / 1e9,
-        "fp8_tflops": flops / _med(fp8, 20) / 1e9,
+        "bf16_tflops": matmul_peak_tflops(DEV, n=n)["tflops"],
+        "fp8_tflops": fp8_matmul_peak_tflops(DEV, n=n)["tflops"],
     }
 
 

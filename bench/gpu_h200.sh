@@ -5,7 +5,9 @@
 #                                 # umT5-XXL-shaped encoder with random weights (--text-encoder):
 #                                 # prompt-change latency (text_ms) and FPS side by side
 #
-# Wheels missing from the GPU image (PyAV) travel in .whl/; results go to $OUT.
+# Wheels missing from the GPU image (PyAV) travel in .whl/; results go to $OUT. perf17a/b run
+# a baseline from .base/src (mkdir .base && git archive <previous landing> src | tar -x -C .base;
+# carry .base with .whl).
 set -u
 stage=$1
 OUT=${OUT:-/tmp/out}
@@ -15,6 +17,17 @@ export PYTHONPATH=$PWD/src:/tmp/site PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 WAN=(--preset wan-14b --device cuda --dtype bfloat16 --height 320 --width 576 --compile)
+
+# issue 17's wan-14b 320x576 jobs side by side: the landed default (its code in .base/src, a
+# git archive of the previous landing) vs today's default, --fp8, --vae tiny; plain and
+# soft-transition streams
+issue17_wan14b_jobs() {
+    local W="${WAN[*]} --chunks 12" S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 120 \
+        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+}
 
 case $stage in
 text)
@@ -56,16 +69,10 @@ dev17)
         --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 --timeline bench/soft_stream.json"
     ;;
 perf17a)
-    # issue 17: Phase C's decoders, then wan-14b 320x576 side by side: the landed default (its
-    # code in .base/src: git archive of the previous landing) vs today's, --fp8, --vae tiny,
-    # plain and soft-transition streams
+    # issue 17 (an intermediate code step; its run is e2e_wan14b_h200_issue17_run1.json, with
+    # a 150 s job timeout then): Phase C's decoders, then the wan-14b jobs
     python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
-    W="${WAN[*]} --chunks 12"
-    S="--timeline bench/soft_stream.json"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 150 \
-        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
-        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
-        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    issue17_wan14b_jobs
     ;;
 perf17b)
     # issue 17, the final configuration: decoders at both geometries; wan-14b 320x576 side by
@@ -73,12 +80,7 @@ perf17b)
     # the deviation of --fp8 from bf16 over 10 chunks (lossless .npy); the FP8 kernel profile
     python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
     python bench/bench_vae.py --height 480 --width 832 --out "$OUT/vae_480x832_h200.json"
-    W="${WAN[*]} --chunks 12"
-    S="--timeline bench/soft_stream.json"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 120 \
-        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
-        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
-        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    issue17_wan14b_jobs
     SF="--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --compile --chunks 12"
     python bench/bench_e2e.py --out "$OUT/e2e_wan13b_480x832_h200.json" --skip 2 --job-timeout 100 \
         --src 1.3b-before=.base/src --job "1.3b-before=$SF" --job "1.3b=$SF" --job "1.3b-tiny=$SF --vae tiny"

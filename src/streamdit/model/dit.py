@@ -26,7 +26,7 @@ from torch import nn
 
 from streamdit.errors import ConfigError
 from streamdit.model.attention import KeyBias, check_resolved, sdpa
-from streamdit.model.fp8 import fp8_linear
+from streamdit.model.fp8 import ROW_TENSORS, fp8_linear
 from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache, LayerKV, write_chunk_kv
 from streamdit.model.presets import DiTConfig
 from streamdit.model.rope import apply_rope, rope_angles
@@ -147,9 +147,6 @@ class _Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, length, heads * self.head_dim))
 
 
-FUSED_ROW_TENSORS = ("weight", "bias", "weight_scale")  # per output row: stacked by fuse_qkv
-
-
 class WanSelfAttention(_Attention):
     def __init__(self, cfg: DiTConfig, layer_idx: int, attn_backend: str, fk: _Factory) -> None:
         super().__init__(cfg, layer_idx, attn_backend, fk)
@@ -187,7 +184,7 @@ class WanSelfAttention(_Attention):
         same parameters as before.
         """
         layers = (self.q, self.k, self.v)
-        for name in FUSED_ROW_TENSORS:
+        for name in ROW_TENSORS:
             parts = [getattr(layer, name, None) for layer in layers]
             if parts[0] is None:
                 self.register_buffer(f"qkv_{name}", None, persistent=False)

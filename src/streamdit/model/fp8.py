@@ -49,7 +49,12 @@ Embeddings, the time MLPs and the head stay in the model dtype (small, and close
 output)."""
 
 
-def _rowwise_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
+ROW_TENSORS = ("weight", "bias", "weight_scale")
+"""A linear layer's tensors indexed by output row (an FP8 layer's row scales included): what a
+column-parallel shard slices and what `fuse_qkv` stacks."""
+
+
+def rowwise_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
     """`x [M, K]` -> (fp8 `[M, K]`, float32 scale `[M, 1]`) with x ≈ q * scale per row."""
     amax = x.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / FP8_MAX
@@ -71,7 +76,7 @@ class Fp8Linear(nn.Module):
     @classmethod
     def from_linear(cls, layer: nn.Linear) -> Fp8Linear:
         weight = layer.weight.detach()
-        q, scale = _rowwise_quantize(weight)
+        q, scale = rowwise_quantize(weight)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         return cls(q, scale.view(-1), bias, weight.dtype)
 
@@ -96,7 +101,7 @@ def fp8_linear(
 ) -> Tensor:
     """`x [..., in]` times the e4m3 `weight [out, in]` (row scales `[out]`), plus `bias`."""
     lead = x.shape[:-1]
-    xq, x_scale = _rowwise_quantize(x.reshape(-1, x.shape[-1]))
+    xq, x_scale = rowwise_quantize(x.reshape(-1, x.shape[-1]))
     out = torch._scaled_mm(
         xq,
         weight.t(),  # [in, out] column-major: the layout cuBLASLt / CUTLASS want for B

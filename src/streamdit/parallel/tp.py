@@ -29,6 +29,7 @@ from torch import nn
 
 from streamdit.errors import ConfigError
 from streamdit.model.dit import CausalWanDiT
+from streamdit.model.fp8 import ROW_TENSORS
 from streamdit.model.presets import DiTConfig
 from streamdit.parallel.collectives import all_reduce_sum, all_reduce_sum_inplace, check_group
 from streamdit.parallel.groups import GroupHandle
@@ -140,13 +141,9 @@ def _slice(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.narrow(dim, rank * n, n).clone()
 
 
-PER_OUTPUT_ROW = ("weight", "bias", "weight_scale")
-"""Tensors indexed by output row, sliced with the weight's rows (an FP8 layer's row scales too;
-a row-parallel shard keeps every row, so its scales stay whole)."""
-
-
 def _keep_rows(module: nn.Module, rank: int, size: int) -> None:
-    for name in PER_OUTPUT_ROW:
+    # every per-row tensor, an FP8 layer's scales too (a row-parallel shard keeps all rows)
+    for name in ROW_TENSORS:
         if getattr(module, name, None) is not None:
             tensor = getattr(module, name).data
             setattr(module, name, nn.Parameter(_slice(tensor, 0, rank, size), requires_grad=False))

@@ -126,9 +126,9 @@ def _validate_stage0_inputs(cfg: RunConfig, dit: DiTConfig, dtype: torch.dtype) 
             if source.config is not None:
                 check_vae_config(vae_cfg, source.config)
             check_checkpoint(CausalVideoVAE(vae_cfg, device=torch.device("meta"), dtype=dtype), source)
-    if cfg.tiny_vae_checkpoint is not None:  # keys and shapes, on a meta model: nothing is copied
+    if cfg.tiny_vae_checkpoint is not None:  # keys and shapes only: no tensor data is read
         meta = TinyVideoDecoder(TinyVAEConfig(), device="meta", dtype=dtype)
-        load_tiny_decoder_state(meta, _tiny_state(cfg.tiny_vae_checkpoint))
+        load_tiny_decoder_state(meta, _tiny_state(cfg.tiny_vae_checkpoint, shapes_only=True))
     return timeline
 
 
@@ -305,8 +305,11 @@ def build_tiny_decoder(cfg: RunConfig, device: torch.device, dtype: torch.dtype)
     return decoder.eval()
 
 
-def _tiny_state(path: Path) -> dict[str, torch.Tensor]:
+def _tiny_state(path: Path, *, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The file's tensors; `shapes_only`: meta tensors of the stored shapes (header read only)."""
     with open_checkpoint(path) as source:
+        if shapes_only:
+            return {key: torch.empty(shape, device="meta") for key, shape in source.shapes().items()}
         return {key: source.get(key) for key in source.shapes()}
 
 

@@ -15,7 +15,7 @@ Invariants:
 - `close()` (called on every exit of the stream, crash or signal included) drains the queue:
   every chunk already generated is written before the files close.
 - Bounded: at most `depth` chunks wait. A disk slower than generation for longer than that makes
-  `submit` wait (backpressure, `writer_wait_ms` in the log at close) rather than grow memory.
+  `submit` wait (backpressure: the total wait is logged at close) rather than grow memory.
 - A write that fails (disk full, a closed pipe) stops the thread; the next `submit` or `close`
   raises `OutputError` naming the file, the chunks and frames safely written, and the cause.
   Chunks queued behind a failed write are not written and not counted.
