@@ -54,8 +54,26 @@ def time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
     return times
 
 
-def profile_kernels(fn, device: torch.device, calls: int = 3, top: int = 15) -> list[dict]:
-    """Device time per call of the heaviest kernels (where the gap to peak goes)."""
+KERNEL_KINDS = (
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "_mm_", "sm90_")),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("triton (fused pointwise / reductions)", ("triton_",)),
+)
+"""Kernel name fragments per kind, first match wins (cuBLAS, cuDNN/flash, inductor)."""
+
+
+def _kind(name: str) -> str:
+    low = name.lower()
+    for kind, marks in KERNEL_KINDS:
+        if any(m in low for m in marks):
+            return kind
+    return "other"
+
+
+def profile_kernels(fn, device: torch.device, calls: int = 3, top: int = 20) -> dict:
+    """Device time per call: the heaviest GPU kernels and the sum per kind (where the gap to
+    peak goes). Only device-side events count (an op and its kernel are not counted twice)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -66,14 +84,18 @@ def profile_kernels(fn, device: torch.device, calls: int = 3, top: int = 15) -> 
     rows = []
     for evt in prof.key_averages():
         dev_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
-        if dev_us > 0:
+        if dev_us > 0 and evt.device_type != DeviceType.CPU:
             rows.append(
-                {"name": evt.key[:120], "ms_per_call": dev_us / 1e3 / calls, "count": evt.count // calls}
+                {"name": evt.key[:160], "ms_per_call": dev_us / 1e3 / calls, "count": evt.count // calls}
             )
     rows.sort(key=lambda r: -r["ms_per_call"])
+    kinds: dict[str, float] = {}
+    for r in rows:
+        kinds[_kind(r["name"])] = kinds.get(_kind(r["name"]), 0.0) + r["ms_per_call"]
     for r in rows[:top]:
         print(f"  {r['ms_per_call']:8.2f} ms  x{r['count']:<4d} {r['name']}", flush=True)
-    return rows[:top]
+    print("  per kind (ms/call): " + json.dumps({k: round(v, 2) for k, v in kinds.items()}), flush=True)
+    return {"top": rows[:top], "ms_per_call_by_kind": kinds, "kernels_ms_per_call": sum(kinds.values())}
 
 
 def sync(device: torch.device) -> None:
@@ -121,6 +143,15 @@ def fp8_matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20)
 
     ms = statistics.median(time_ms(mm, iters, 5, device))
     return {"n": n, "median_ms": ms, "tflops": 2 * n**3 / (ms / 1e3) / 1e12}
+
+
+COMPILE_VARIANTS: dict[str, dict] = {
+    "compile": {},
+    # inductor tunes each generated kernel's block sizes / warps by timing them at compile
+    "compile-cdt": {"options": {"coordinate_descent_tuning": True}},
+    "compile-max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+}
+"""`--variants` names beside `eager`: torch.compile options for the blocks."""
 
 
 def build(
@@ -190,7 +221,7 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
     sync(device)
     first_s = time.perf_counter() - t0
     ms = time_ms(call, args.iters, args.warmup, device)
-    top = profile_kernels(call, device) if args.profile else []
+    profile = profile_kernels(call, device) if args.profile else {}
     tokens = f * (args.height // 16) * (args.width // 16)
     flops = dit_flops_per_call(cfg, tokens=tokens, cached_tokens=tokens, text_len=cfg.text_len)
     med = statistics.median(ms)
@@ -204,7 +235,7 @@ def bench_variant(model, kv, cross, args, device, compiled: bool) -> dict:
         "tflops_achieved": flops / (med / 1e3) / 1e12,
         "tokens": tokens,
         "keys": 2 * tokens,
-        "top_kernels_ms_per_call": top,
+        "profile": profile,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
 
@@ -216,7 +247,7 @@ def main() -> int:
     p.add_argument("--width", type=int, default=576)
     p.add_argument("--frames", type=int, default=3)
     p.add_argument("--attn-backend", default="auto")
-    p.add_argument("--variants", default="eager,compile")
+    p.add_argument("--variants", default="eager,compile", help=f"eager or {', '.join(COMPILE_VARIANTS)}")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -232,10 +263,12 @@ def main() -> int:
     model, kv, cross, info = build(args, device)
     results = []
     for variant in args.variants.split(","):
-        if variant == "compile":
+        compiled = variant != "eager"
+        if compiled:
             # forward does the cache bookkeeping eagerly; every block runs one compiled graph
-            model.compile_blocks()
-        res = bench_variant(model, kv, cross, args, device, compiled=variant == "compile")
+            torch._dynamo.reset()  # a fresh compile per variant (options differ)
+            model.compile_blocks(**COMPILE_VARIANTS[variant])
+        res = bench_variant(model, kv, cross, args, device, compiled=compiled)
         res["variant"] = variant
         res["fraction_of_peak"] = res["tflops_achieved"] / peak["tflops"]
         if fp8_peak is not None:

@@ -1,8 +1,9 @@
 """Phase C's decoders side by side on one GPU: ms per steady-state chunk decode.
 
 Variants: the Wan VAE decoder as built, with cuDNN autotuning (`cudnn.benchmark`), and with
-its conv weights channels-last (NDHWC: the layout cuDNN's tensor-core conv kernels
-run natively); the TAEHV tiny decoder (`--vae tiny`) likewise. A chunk is 3 latent frames
+its conv weights channels-last (NDHWC: the layout cuDNN's tensor-core conv kernels run
+natively), there also frame by frame (Wan's loop) against the batched decode steps streamdit
+runs; the TAEHV tiny decoder (`--vae tiny`) likewise. A chunk is 3 latent frames
 after a first chunk (12 pixel frames); the first chunk is decoded before timing, so the causal
 caches are in their steady state. Also the Wan encoder on one pixel frame (the re-encoded
 recompute anchor of Phase A).
@@ -33,6 +34,18 @@ def _decoder_ms(make, latents: torch.Tensor, iters: int) -> float:
     dec = make()
     dec.decode_chunk(latents)  # the stream's first chunk: caches filled
     return statistics.median(time_ms(lambda: dec.decode_chunk(latents), iters, 3, DEV))
+
+
+class _FrameByFrame:
+    """Wan's loop: one decoder step per latent frame (streamdit before batched decode steps)."""
+
+    def __init__(self, dec: StreamingDecoder) -> None:
+        self.dec = dec
+
+    def decode_chunk(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [self.dec.decode_chunk(latents[:, i : i + 1]) for i in range(latents.shape[1])], dim=2
+        )
 
 
 def main() -> int:
@@ -75,6 +88,9 @@ def main() -> int:
         vae.to_channels_last()
         torch.backends.cudnn.benchmark = False
         rows["wan_channels_last_default"] = _decoder_ms(lambda: StreamingDecoder(vae), latents, args.iters)
+        rows["wan_channels_last_frame_by_frame"] = _decoder_ms(
+            lambda: _FrameByFrame(StreamingDecoder(vae)), latents, args.iters
+        )
         torch.backends.cudnn.benchmark = True
         rows["wan_channels_last_autotuned"] = _decoder_ms(lambda: StreamingDecoder(vae), latents, args.iters)
     print(json.dumps(result), flush=True)

@@ -90,6 +90,17 @@ perf17b)
     python bench/bench_generator.py --preset wan-14b --variants compile --fp8 --profile \
         --out "$OUT/generator_fp8_profile_h200.json"
     ;;
+tune17)
+    # issue 17, second pass: the Wan decoder frame by frame vs batched steps; inductor's
+    # kernel tuning (coordinate descent, max-autotune) on the compiled blocks, bf16 and FP8
+    python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_batched_h200.json"
+    python bench/bench_generator.py --preset wan-14b --variants compile,compile-cdt --profile \
+        --out "$OUT/generator_tuning_bf16_h200.json"
+    python bench/bench_generator.py --preset wan-14b --variants compile,compile-cdt --fp8 --profile \
+        --out "$OUT/generator_tuning_fp8_h200.json"
+    python bench/bench_generator.py --preset wan-14b --variants compile-max-autotune --fp8 --profile \
+        --out "$OUT/generator_max_autotune_fp8_h200.json"
+    ;;
 *)
     echo "unknown stage $stage" >&2
     exit 2

@@ -1,4 +1,4 @@
-"""Causal video VAE: frame arithmetic, streaming == whole-clip (bit for bit), reset, init, dtypes.
+"""Causal video VAE: frame arithmetic, streaming == whole-clip == frame by frame, reset, init, dtypes.
 
 Small shapes (32×32 pixels, tiny preset) keep the file to a few seconds on a 2-core CPU.
 """
@@ -101,7 +101,40 @@ def test_chunked_decode_equals_whole_decode(vae: CausalVideoVAE, split: tuple[in
         parts.append(out)
         start += n
     assert dec.latent_frames_seen == 7
-    assert torch.equal(torch.cat(parts, dim=2), whole)
+    # chunks are decoded in steps of other sizes than the whole clip's: float32 rounding only
+    torch.testing.assert_close(torch.cat(parts, dim=2), whole, rtol=0, atol=1e-5)
+
+
+def _frame_by_frame(vae: CausalVideoVAE, lat: torch.Tensor, rule: str = "wan2.1") -> torch.Tensor:
+    """Wan's own loop: one decoder step per latent frame (the reference a batched step equals)."""
+    cache, outs = CausalCache(rule), []
+    with torch.no_grad():
+        for i in range(lat.shape[1]):
+            outs.append(vae.decode_step(lat[:, i].unsqueeze(2), cache))
+            cache.advance()
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_batched_decode_steps_equal_wan_frame_by_frame_loop(
+    vae: CausalVideoVAE, split: tuple[int, ...]
+) -> None:
+    """A chunk's latents after a stream's first go through the decoder as ONE step; every
+    causal layer then sees exactly the history Wan's per-frame loop gives it."""
+    lat = _latents(7, batch=2, seed=6)
+    ref = _frame_by_frame(vae, lat)
+    dec, start, parts, stepped = StreamingDecoder(vae), 0, [], []
+    hook = vae.decoder.conv1.register_forward_pre_hook(lambda m, a: stepped.append(a[0].shape[2]))
+    try:
+        for n in split:
+            parts.append(dec.decode_chunk(lat[:, start : start + n]))
+            start += n
+    finally:
+        hook.remove()
+    want_steps = ([1, split[0] - 1] if split[0] > 1 else [1]) + list(split[1:])
+    assert stepped == want_steps
+    torch.testing.assert_close(torch.cat(parts, dim=2), ref, rtol=0, atol=1e-5)
+    assert (ref[:, :, 5:] - _frame_by_frame(vae, lat.flip(1))[:, :, 5:]).abs().max() > 1e-2  # not vacuous
 
 
 @pytest.mark.parametrize("split", [(1, 4, 8), (5, 8), (9, 4), (1, 4, 4, 4)])
@@ -119,7 +152,9 @@ def test_chunked_encode_equals_whole_encode(vae: CausalVideoVAE, split: tuple[in
 
 def test_decode_is_causal(vae: CausalVideoVAE) -> None:
     lat = _latents(4)
-    assert torch.equal(vae.decode(lat[:, :2]), vae.decode(lat)[:, :, :5])
+    torch.testing.assert_close(vae.decode(lat[:, :2]), vae.decode(lat)[:, :, :5], rtol=0, atol=1e-5)
+    changed = torch.cat([lat[:, :2], -lat[:, 2:]], dim=1)
+    assert torch.equal(vae.decode(changed[:, :2]), vae.decode(lat[:, :2]))
 
 
 def test_history_is_used_and_reset_is_a_hard_cut(vae: CausalVideoVAE) -> None:
@@ -211,7 +246,8 @@ def test_krea_time_cache_rule(vae: CausalVideoVAE) -> None:
     from streamdit.model.vae_blocks import Resample
 
     z = torch.randn(1, 5, 16, 4, 4, generator=torch.Generator().manual_seed(8))
-    wan = StreamingDecoder(vae).decode_chunk(z)
+    wan = _frame_by_frame(vae, z)
+    torch.testing.assert_close(StreamingDecoder(vae).decode_chunk(z), wan, rtol=0, atol=1e-5)
     krea_dec = StreamingDecoder(vae, upsample_history="krea")
     convs = [m.time_conv for m in vae.decoder.modules() if isinstance(m, Resample) and m.mode == "upsample3d"]
     assert convs
@@ -228,6 +264,8 @@ def test_krea_time_cache_rule(vae: CausalVideoVAE) -> None:
             h.remove()
     krea = torch.cat(pixels, dim=2)
     assert krea.shape == wan.shape
+    # the krea rule is defined per frame: a whole chunk steps frame by frame, bit for bit
+    assert torch.equal(StreamingDecoder(vae, upsample_history="krea").decode_chunk(z), krea)
     assert torch.equal(krea[:, :, :9], wan[:, :, :9])
     assert (krea[:, :, 9:] - wan[:, :, 9:]).abs().max() > 1e-3
     one_frame = 0

@@ -196,7 +196,8 @@ class CausalVideoVAE(nn.Module):
         return z.transpose(1, 2)
 
     def decode_step(self, latent: Tensor, cache: CausalCache) -> Tensor:
-        """One step: one latent [B, z, 1, h, w] → 1 (first) or 4 pixel frames [B, 3, t, H, W]."""
+        """One step: latents [B, z, t, h, w] → pixels [B, 3, 4t, H, W] (1 frame for a stream's
+        first step, which must be a single latent)."""
         z = latent * _bcast(self.latent_std) + _bcast(self.latent_mean)
         return self.decoder(self.conv2(z), cache).clamp(-1.0, 1.0)
 
@@ -271,13 +272,26 @@ class StreamingDecoder:
     def decode_chunk(self, latents: Tensor) -> Tensor:
         """[B, F, 16, h, w] → [B, 3, T, 8h, 8w]; T = 1+4(F−1) on a stream's first chunk, else 4F."""
         _check_latents(latents, self.vae.cfg.z_dim)
-        x = latents.to(self.vae.dtype)
+        x = latents.to(self.vae.dtype).transpose(1, 2)  # [B, z, F, h, w]
         outs = []
-        for i in range(x.shape[1]):
-            step = x[:, i].unsqueeze(2).contiguous()  # [B, z, 1, h, w]
-            outs.append(self.vae.decode_step(step, self.cache))
-            self.cache.advance()
+        for start, stop in self._steps(x.shape[2]):
+            outs.append(self.vae.decode_step(x[:, :, start:stop].contiguous(), self.cache))
+            self.cache.advance(stop - start)
         return torch.cat(outs, dim=2)
+
+    def _steps(self, frames: int) -> list[tuple[int, int]]:
+        """The latent frames each decoder step takes: [start, stop) ranges.
+
+        A stream's first latent frame is always decoded alone (the time upsampling passes it
+        through, see `Resample`). Under the wan2.1 history rule every causal layer carries
+        "the last frames of its input", so the rest of a chunk is ONE step: the same arithmetic
+        as frame by frame, in convolutions 3x larger (a GPU runs a 1-latent decode step
+        launch-bound). The krea rule is defined per frame, so it steps frame by frame.
+        """
+        first = 1 if self.cache.first_step else 0
+        if self.cache.upsample_history != "wan2.1":
+            return [(i, i + 1) for i in range(frames)]
+        return [r for r in ((0, first), (first, frames)) if r[1] > r[0]]
 
 
 def _check_pixels(pixels: Tensor, *, first_chunk: bool) -> None:

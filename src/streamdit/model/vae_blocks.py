@@ -5,10 +5,11 @@ attention and time/space resampling blocks, and the encoder/decoder trunks. Modu
 parameter shapes follow Wan2.1's `wan/modules/vae.py` so a Wan VAE checkpoint maps onto them
 one to one (e.g. `residual.0.gamma`, `resample.1.weight`, `time_conv.weight`, `head.2.weight`).
 
-Every block takes a `CausalCache` and is run one *step* at a time: one latent frame in the
-decoder, one group of 1 (first step) or 4 (later steps) pixel frames in the encoder. That is how
-Wan's `feat_cache` works, and it is what makes chunked and whole-clip decoding run identical
-arithmetic (and so compare equal bit for bit).
+Every block takes a `CausalCache` and is run one *step* at a time: in the encoder one group of
+1 (first step) or 4 (later steps) pixel frames, as Wan's `feat_cache` loop does (so chunked and
+whole-clip encoding run identical arithmetic); in the decoder a stream's first latent frame
+alone, then any number of latent frames per step (`StreamingDecoder._steps`: equal to Wan's
+frame-by-frame loop up to float rounding, in larger, faster convolutions).
 
 Must not import: anything from streamdit except errors (model/ is torch-only, single device).
 """
@@ -55,9 +56,9 @@ class CausalCache:
         # clone: a view would keep the whole activation of this step alive
         self._history[layer] = frames.clone()
 
-    def advance(self) -> None:
-        """Mark one step of the stream done (called by the streaming encoder/decoder)."""
-        self.steps += 1
+    def advance(self, steps: int = 1) -> None:
+        """Mark `steps` steps of the stream done (called by the streaming encoder/decoder)."""
+        self.steps += steps
 
     def reset(self) -> None:
         self._history.clear()
