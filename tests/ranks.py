@@ -104,13 +104,15 @@ def start_ranks(
     per_rank: dict[int, dict[str, str]] | None = None,
     out_dir: Path | None = None,
     chunks: int = 3,
+    port: int | None = None,
 ) -> list[subprocess.Popen]:
     """Start one process per rank with a torchrun-compatible env (each in its own session).
 
-    `hooks` go to every rank; `per_rank` adds variables to single ranks only. The caller must
-    end them with `collect` (which kills whatever is left).
+    `hooks` go to every rank; `per_rank` adds variables to single ranks only; `port` is the
+    rendezvous store's (rank0 hosts it; a free one by default). The caller must end them with
+    `collect` (which kills whatever is left).
     """
-    port, world = free_port(), len(flags)
+    port, world = port or free_port(), len(flags)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"streamdit-{topology}-"))
     procs = []
     for rank, extra in enumerate(flags):

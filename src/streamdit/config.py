@@ -395,6 +395,8 @@ class LaunchEnv:
     master_port: int = 29500
     launched: bool = False
     """True when a launcher (torchrun / our elastic launch) set RANK for this process."""
+    agent_store: bool = False
+    """True when the launcher's agent hosts the rendezvous store (torch elastic), not rank0."""
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> LaunchEnv:
@@ -407,6 +409,7 @@ class LaunchEnv:
                 master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
                 master_port=int(env.get("MASTER_PORT", "29500")),
                 launched="RANK" in env,
+                agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
             )
         except ValueError as exc:
             raise ConfigError(f"malformed launch environment: {exc} [field=RANK/WORLD_SIZE]") from exc

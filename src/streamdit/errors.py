@@ -19,9 +19,9 @@ EXIT_INTERRUPTED = 130
 #   1   an error on this rank (its message names the field and ids)
 #   2   bad input, rejected before any model work
 #   3   poisoned: an exception after a commitment point (a half-sent message)
-#   4   orphaned: rank0 stopped heartbeating (killed, stopped or hung)
+#   4   orphaned: rank0, or the rendezvous store, went silent (killed, stopped or hung)
 #   5   a peer aborted the stream and said why (ERROR action)
-#   6   rank0 lost a peer: it stopped heartbeating (the output file holds every written chunk)
+#   6   a peer other than rank0 stopped heartbeating (named; rank0's output holds every written chunk)
 #   130 Ctrl-C: drained (first) or aborted (second)
 
 
@@ -113,7 +113,7 @@ class OrphanedError(StreamditError):
 
 
 class PeerLost(StreamditError):
-    """rank0 saw a peer stop heartbeating: the stream cannot continue."""
+    """A peer other than rank0 stopped heartbeating (or never arrived): the stream cannot continue."""
 
     exit_code = EXIT_PEER_LOST
 

@@ -209,6 +209,28 @@ ROWS: tuple[Row, ...] = (
         nccl=False,
     ),
     Row(
+        "L-store-frozen",
+        "rank0 SIGSTOPped with the store it hosts: every other rank exits 4 within the window",
+        (f"{LIVE}::test_frozen_store_host_orphans_every_rank_within_the_window",),
+        ranks=3,
+    ),
+    Row(
+        "L-foreign-done",
+        "a foreign client's done/0 key in the store: orphan detection still works",
+        (f"{LIVE}::test_a_foreign_done_mark_cannot_disable_orphan_detection",),
+    ),
+    Row(
+        "L-job-frozen",
+        "the whole job stopped past the window, resumed with skew: no false verdict, exit 0",
+        (f"{LIVE}::test_a_whole_job_frozen_past_the_window_resumes_without_a_false_verdict",),
+    ),
+    Row(
+        "L-mesh-killed",
+        "a pp mesh rank (leader or peer) killed: every survivor names it (exit 6)",
+        (f"{LIVE}::test_pp_killed_mesh_rank_is_named_by_every_survivor",),
+        ranks=3,
+    ),
+    Row(
         "X-sigterm",
         "SIGTERM to rank0 mid-stream: drain, every rank exits 0, valid video",
         (f"{LIVE}::test_sigterm_to_rank0_drains_and_every_rank_exits_0",),

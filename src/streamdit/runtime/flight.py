@@ -34,6 +34,7 @@ class FlightRecorder:
             raise ValueError(f"capacity must be positive, got {capacity}")
         self.capacity = capacity
         self.label = label
+        self.run_id = ""  # the job's run id, once its ranks agreed on one (session.agree_run_id)
         self._ring: deque[dict[str, object]] = deque(maxlen=capacity)
         self._counts: Counter[str] = Counter()  # totals survive ring eviction
         self._lock = threading.Lock()
@@ -62,6 +63,7 @@ class FlightRecorder:
         with self._lock:
             return {
                 "label": self.label,
+                "run_id": self.run_id,
                 "pid": os.getpid(),
                 "capacity": self.capacity,
                 "counts": dict(self._counts),

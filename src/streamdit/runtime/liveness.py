@@ -5,15 +5,35 @@ KeyboardInterrupt, which still unwinds through `finally` and closes the file) an
 
 The watchdog talks only to the job's rendezvous store (TCPStore at MASTER_ADDR:MASTER_PORT,
 hosted by rank0 under torchrun-style launches, by the agent under an elastic launcher), on its
-own connection and its own thread, so it keeps working while the main thread is blocked inside
-a collective. Every rank bumps a counter `hb/<rank>` every `window / 5` seconds. rank0 watches
-every other rank; the others watch rank0. A watched counter that has not advanced for `window`
-seconds (a store that cannot be reached counts as not advancing) is a verdict:
-- on a worker / mesh rank: orphaned — rank0 is dead, stopped or hung: exit code 4;
-- on rank0: a peer is lost: exit code 6, after the output file is left valid.
-The verdict runs `on_verdict(code, message)` from the watchdog thread (the runtime writes the
-flight record and exits the process: the main thread may be stuck in a collective). A rank that
-finishes cleanly marks `done/<rank>`, and its watchers stop watching it.
+own connection, with two threads of its own, so it keeps working while the main thread is
+blocked inside a collective:
+
+- the store thread (the only user of that connection) bumps this rank's counter `hb/<rank>`
+  every `window / 5` seconds and reads every other rank's counter and `done/<rank>` mark in one
+  `multi_get`. A store call may block for as long as the store's host is frozen (a stopped
+  TCPStore server does not answer, and the client's timeout does not cover every call), so
+  this thread only publishes what it read and when its last round trip completed;
+- the judge thread decides from those timestamps alone, on its own clock, so a blocked store
+  call cannot silence it. A counter that has not advanced for `window` seconds is a lost peer;
+  a store that has not completed a round trip for `window` seconds is a lost store host.
+
+Keys live under `streamdit/liveness/<run id>/`, the run id being agreed by every rank of this
+job at startup: another job's or a stale client's keys cannot mark a rank done or alive.
+
+Verdicts (`on_verdict(code, message)` from the judge thread; the runtime writes the flight
+record and exits the process, since the main thread may be stuck in a collective):
+
+| what went silent                       | on rank0        | on any other rank |
+|----------------------------------------|-----------------|-------------------|
+| the store (rank0 or the agent hosts it)| 4 orphaned      | 4 orphaned        |
+| rank0's counter                        | -               | 4 orphaned        |
+| rank r's counter (r != 0)              | 6 peer r lost   | 6 peer r lost     |
+
+When several went silent, the one silent longest is named (the others may only be following
+it). A judge that was itself
+not scheduled for `stall_s` (the whole process stopped, or starved) re-bases every clock at its
+wake-up instead of judging peers by a silence it did not watch. A rank that finishes cleanly
+marks `done/<rank>`, and its watchers stop watching it.
 """
 
 from __future__ import annotations
@@ -58,27 +78,43 @@ class StopFlag:
 class Watchdog:
     """Heartbeats through the rendezvous store; a silent peer ends the process (see module doc)."""
 
-    def __init__(self, launch: LaunchEnv, *, window_s: float, on_verdict: Verdict) -> None:
+    def __init__(
+        self, launch: LaunchEnv, *, window_s: float, on_verdict: Verdict, run_id: str = "job"
+    ) -> None:
         if window_s <= 0:
             raise ValueError(f"watchdog window must be > 0 s, got {window_s}")
+        if not run_id or "/" in run_id:
+            raise ValueError(f"run id must be a non-empty key part, got {run_id!r}")
         self.launch = launch
         self.window_s = window_s
         self.interval_s = max(0.05, window_s / 5)
+        self.stall_s = window_s / 2  # a judge tick this late: this process was not running
         self.on_verdict = on_verdict
-        rank, world = launch.rank, launch.world_size
-        self.watched = [r for r in range(1, world)] if rank == 0 else [0]
+        self.prefix = f"{PREFIX}/{run_id}"
+        self.watched = [r for r in range(launch.world_size) if r != launch.rank]
         self._store: dist.TCPStore | None = None
         self._stop = threading.Event()
+        self._mark_done = False
         self._verdict = threading.Event()
         self.verdict_message = ""
-        self._thread = threading.Thread(target=self._loop, name="watchdog", daemon=True)
+        self._lock = threading.Lock()  # the store thread's published reading
+        now = time.monotonic()
+        self._read_at = now  # when the store thread's last round trip completed
+        self._beats: dict[int, int] = {}
+        self._done: set[int] = set()
+        self._store_thread = threading.Thread(target=self._store_loop, name="watchdog-store", daemon=True)
+        self._judge_thread = threading.Thread(target=self._judge_loop, name="watchdog", daemon=True)
         # per watched peer: when its heartbeat last changed, and whether it ended cleanly
-        # (written by the watchdog thread, read by a status page)
-        self.last_change: dict[int, float] = dict.fromkeys(self.watched, time.monotonic())
+        # (written by the judge thread, read by a status page)
+        self.last_change: dict[int, float] = dict.fromkeys(self.watched, now)
         self.ended: set[int] = set()
 
     def start(self) -> None:
-        """Connect to the rendezvous store and start beating (after the process group exists)."""
+        """Connect to the rendezvous store and start beating (after the process group exists).
+
+        The first beat and the creation of every key happen here, so a `multi_get` never
+        waits for a key a slow peer has yet to write; then the store thread owns the connection.
+        """
         self._store = dist.TCPStore(
             self.launch.master_addr,
             self.launch.master_port,
@@ -86,19 +122,20 @@ class Watchdog:
             timeout=timedelta(seconds=max(1.0, self.interval_s * 2)),
             wait_for_workers=False,
         )
-        self._beat()
-        self._thread.start()
+        for r in range(self.launch.world_size):
+            self._store.add(self._key("hb", r), 1 if r == self.launch.rank else 0)
+            self._store.add(self._key("done", r), 0)
+        self._read_at = time.monotonic()
+        self._store_thread.start()
+        self._judge_thread.start()
 
     def stop(self, *, done: bool) -> None:
         """Stop beating; `done` tells the watchers this rank ended cleanly (not lost)."""
+        self._mark_done = done
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=self.interval_s * 4)
-        if done and self._store is not None:
-            try:
-                self._store.add(f"{PREFIX}/done/{self.launch.rank}", 1)
-            except Exception as exc:  # noqa: BLE001 - rank0's store may already be gone
-                log.debug("could not mark done: %s", exc)
+        for thread in (self._judge_thread, self._store_thread):
+            if thread.is_alive():
+                thread.join(timeout=self.interval_s * 4)  # a store call may block: bounded
 
     def peers(self) -> list[dict[str, object]]:
         """Liveness of every watched peer: seconds since its last heartbeat, and a verdict."""
@@ -116,55 +153,100 @@ class Watchdog:
         The verdict's `on_verdict` normally ends the process first; True is returned only when
         it does not (tests), False when every watched peer keeps beating.
         """
-        if not self._thread.is_alive() and not self._verdict.is_set():
+        if not self._judge_thread.is_alive() and not self._verdict.is_set():
             return False
         return self._verdict.wait(timeout=wait_s)
 
-    # ---- watchdog thread ------------------------------------------------------------------
+    def _key(self, kind: str, rank: int) -> str:
+        return f"{self.prefix}/{kind}/{rank}"
 
-    def _beat(self) -> None:
+    # ---- store thread: the only user of the connection ------------------------------------
+
+    def _store_loop(self) -> None:
         assert self._store is not None
-        self._store.add(f"{PREFIX}/hb/{self.launch.rank}", 1)
+        keys = [self._key(kind, r) for kind in ("hb", "done") for r in self.watched]
+        mine = self._key("hb", self.launch.rank)
+        warned = False
+        while not self._stop.is_set():
+            try:
+                self._store.add(mine, 1)
+                values = [int(v) for v in self._store.multi_get(keys)] if keys else []
+            except Exception as exc:  # noqa: BLE001 - an unreachable store = no fresh reading
+                if not warned:
+                    log.warning("heartbeat store unreachable (%s): the judge decides by time", exc)
+                    warned = True
+            else:
+                n = len(self.watched)
+                with self._lock:
+                    self._read_at = time.monotonic()
+                    self._beats = dict(zip(self.watched, values[:n], strict=True))
+                    self._done = {r for r, d in zip(self.watched, values[n:], strict=True) if d > 0}
+            self._stop.wait(self.interval_s)
+        if self._mark_done:
+            try:
+                self._store.add(self._key("done", self.launch.rank), 1)
+            except Exception as exc:  # noqa: BLE001 - rank0's store may already be gone
+                log.debug("could not mark done: %s", exc)
 
-    def _loop(self) -> None:
-        last_value = dict.fromkeys(self.watched, -1)
-        last_change = self.last_change
-        watched = list(self.watched)
-        store_down = False  # its host (rank0 under torchrun) is gone: stop asking, let time tell
+    # ---- judge thread: decides on its own clock -------------------------------------------
+
+    def _judge_loop(self) -> None:
+        last_value: dict[int, int] = {}
+        tick = rebased = time.monotonic()
         while not self._stop.wait(self.interval_s):
             now = time.monotonic()
-            for peer in list(watched):
-                value = last_value[peer]
-                if not store_down:
-                    try:
-                        self._beat()
-                        if self._store is not None and self._store.add(f"{PREFIX}/done/{peer}", 0) > 0:
-                            watched.remove(peer)  # ended cleanly: nothing more to watch
-                            self.ended.add(peer)
-                            continue
-                        value = self._store.add(f"{PREFIX}/hb/{peer}", 0) if self._store else -1
-                    except Exception as exc:  # noqa: BLE001 - an unreachable store = no heartbeat
-                        log.warning("heartbeat store unreachable (%s): judging by silence", exc)
-                        store_down = True
-                if value != last_value[peer]:
-                    last_value[peer], last_change[peer] = value, now
-                elif now - last_change[peer] > self.window_s:
-                    self._declare(peer, now - last_change[peer])
-                    return
+            if now - tick > self.stall_s:
+                log.warning(
+                    "watchdog: this process was not scheduled for %.1f s (stopped or starved): "
+                    "giving every peer a fresh window instead of judging a silence it did not see",
+                    now - tick,
+                )
+                rebased = now
+            tick = now
+            with self._lock:
+                read_at, beats, done = self._read_at, dict(self._beats), set(self._done)
+            for peer in self.watched:
+                if peer in done:
+                    self.ended.add(peer)
+                value = beats.get(peer, -1)
+                if value != last_value.get(peer, -1):
+                    last_value[peer], self.last_change[peer] = value, now
+            verdict = self._judge(now, max(read_at, rebased), rebased)
+            if verdict is not None:
+                self._declare(*verdict)
+                return
 
-    def _declare(self, peer: int, silent_s: float) -> None:
-        if self.launch.rank == 0:
-            code = EXIT_PEER_LOST
-            message = (
-                f"rank {peer} has not heartbeat for {silent_s:.1f} s (dead, stopped or hung; window "
-                f"{self.window_s:.1f} s): aborting the stream"
-            )
-        else:
-            code = EXIT_ORPHANED
-            message = (
-                f"orphaned: rank0 has not heartbeat for {silent_s:.1f} s (dead, stopped or hung; "
-                f"window {self.window_s:.1f} s): rank {self.launch.rank} exits"
-            )
+    def _judge(self, now: float, read_at: float, rebased: float) -> tuple[int, str] | None:
+        store_silent = now - read_at
+        if store_silent > self.window_s:
+            if 0 in self.ended and not self.launch.agent_store:
+                return None  # rank0 ended cleanly and took its store along: the job is ending
+            return EXIT_ORPHANED, self._store_message(store_silent)
+        silent = {p: now - max(self.last_change[p], rebased) for p in self.watched if p not in self.ended}
+        lost = [p for p, s in silent.items() if s > self.window_s]
+        if not lost:
+            return None
+        # the first to go quiet (the others may only be following it); rank0 on a tie
+        peer = max(lost, key=lambda p: (round(silent[p], 1), p == 0))
+        how = (
+            f"has not heartbeat for {silent[peer]:.1f} s (dead, stopped or hung; "
+            f"window {self.window_s:.1f} s)"
+        )
+        if peer == 0:
+            return EXIT_ORPHANED, f"orphaned: rank0 {how}: rank {self.launch.rank} exits"
+        action = "aborting the stream" if self.launch.rank == 0 else f"rank {self.launch.rank} exits"
+        return EXIT_PEER_LOST, f"rank {peer} {how}: {action}"
+
+    def _store_message(self, silent_s: float) -> str:
+        where = f"{self.launch.master_addr}:{self.launch.master_port}"
+        host = "the launcher's agent" if self.launch.agent_store else "rank0"
+        return (
+            f"orphaned: the rendezvous store at {where} (hosted by {host}) has not answered for "
+            f"{silent_s:.1f} s ({host} dead, stopped or hung; window {self.window_s:.1f} s): "
+            f"rank {self.launch.rank} exits"
+        )
+
+    def _declare(self, code: int, message: str) -> None:
         self.verdict_message = message
         log.critical(message)
         self.on_verdict(code, message)  # normally ends the process: the event is for tests

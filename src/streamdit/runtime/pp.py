@@ -205,4 +205,10 @@ def _mesh(session: RankSession) -> None:
     )
     pair_warmup(groups.world, 0, send=False, allowed="world")  # same order as rank0
     pair_warmup(groups.link, 0, send=True, allowed="link")
-    MeshLeader(phase_b, envelopes=envelopes, results=results, broadcast=broadcast).run()
+    MeshLeader(
+        phase_b,
+        envelopes=envelopes,
+        results=results,
+        broadcast=broadcast,
+        peer_went_silent=session.peer_went_silent,
+    ).run()

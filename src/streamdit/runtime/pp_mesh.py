@@ -10,7 +10,8 @@ Anti-stranding (protocol.md §3, OM-07): the leader validates a whole envelope (
 from the meta alone, before allocating) before it re-broadcasts anything. An envelope it must
 reject becomes a terminal ERROR broadcast to the mesh — peers exit cleanly with the peer-abort
 code, never having seen a payload header — and an ERROR result tells rank0. A failure inside
-Phase B on the leader is sent to rank0 as an ERROR result as well (rank0 could not see it).
+Phase B on the leader is sent to rank0 as an ERROR result as well (rank0 could not see it),
+unless a mesh peer went silent: then the watchdog's verdict names that peer on every rank.
 The leader measures `stage1_ms` (envelope in hand to result ready) and `mesh_idle_ms` (result
 sent to next envelope in hand) on its own clock and reports both in the result.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -44,8 +46,10 @@ class MeshLeader:
         envelopes: P2PChannel,
         results: P2PChannel,
         broadcast: BroadcastChannel | None,
+        peer_went_silent: Callable[[BaseException], bool],
     ) -> None:
         self.phase_b = phase_b
+        self.peer_went_silent = peer_went_silent  # RankSession's: asks the watchdog
         self.envelopes = envelopes
         self.results = results
         self.broadcast = broadcast  # None in PP0 (a mesh of one)
@@ -76,6 +80,8 @@ class MeshLeader:
             self.last_broadcast = (msg.call_id, msg.cache_epoch)
 
     def failed(self, msg: Envelope, exc: BaseException) -> None:
+        if self.peer_went_silent(exc):
+            return  # a mesh peer is gone: the watchdog's verdict names it (rank0's sees it too)
         self._tell_rank0(exc, (msg.call_id, msg.cache_epoch))
 
     def after(self, msg: Envelope, latents: torch.Tensor, calls: int) -> None:

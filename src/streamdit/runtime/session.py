@@ -15,6 +15,7 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ import torch
 
 from streamdit.config import LaunchEnv, RunConfig
 from streamdit.errors import OrphanedError, PeerLost
-from streamdit.parallel.collectives import gather_at_startup
+from streamdit.parallel.collectives import all_gather_bytes, gather_at_startup
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.runtime.build import ValidatedRun, validate_run
 from streamdit.runtime.faults import FaultPlan
@@ -72,13 +73,21 @@ class RankSession:
         self.flight({"name": "all_ready", "detail": f"waited {waited:.3f} s"})
         log.info("every rank is ready (waited %.1f s)", waited)
 
+    def peer_went_silent(self, exc: BaseException) -> bool:
+        """Was `exc` caused by a dead, stopped or hung peer? For a transport-like error, wait
+        up to one watchdog window for its verdict (which normally ends the process itself,
+        naming the silent rank); False for any other error or when every peer keeps beating."""
+        return transport_like(exc) and self.watchdog.peer_lost(
+            self.run.cfg.watchdog_window_s + 2 * self.watchdog.interval_s
+        )
+
     def _poison_exit(self, code: int) -> None:
         """A send failed after its commitment point. When the transfer failed because a watched
-        peer died (rank0 for a worker), the watchdog's verdict is the truer exit (orphan / peer
-        lost) and ends the process itself; otherwise flight record, then the poison code."""
+        peer died, the watchdog's verdict is the truer exit (orphan / peer lost) and ends the
+        process itself; otherwise flight record, then the poison code."""
         exc = sys.exc_info()[1]
-        if exc is not None and transport_like(exc):
-            self.watchdog.peer_lost(self.run.cfg.watchdog_window_s + 2 * self.watchdog.interval_s)
+        if exc is not None:
+            self.peer_went_silent(exc)
         self.flight.exit_after_dump(self.flight_path)(code)
 
 
@@ -98,6 +107,8 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
         topology=topology,
         startup_timeout_s=cfg.startup_timeout_s,
     )
+    run_id = agree_run_id(groups, bound_s=cfg.startup_timeout_s)
+    flight.run_id = run_id
     guard = threading.Lock()
 
     def record_verdict(message: str) -> None:
@@ -105,17 +116,22 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
         flight.dump(flight_path)
 
     watchdog = Watchdog(
-        launch, window_s=cfg.watchdog_window_s, on_verdict=exit_on_verdict(record_verdict, guard)
+        launch,
+        window_s=cfg.watchdog_window_s,
+        on_verdict=exit_on_verdict(record_verdict, guard),
+        run_id=run_id,
     )
     session = RankSession(run, launch, faults, flight, flight_path, groups, watchdog, guard)
     try:
-        flight.record({"name": "start", "detail": f"topology={topology} world_size={launch.world_size}"})
+        flight.record(
+            {"name": "start", "detail": f"topology={topology} world_size={launch.world_size} run_id={run_id}"}
+        )
         watchdog.start()
         yield session
     except BaseException as exc:
         cause: BaseException = exc
-        if transport_like(exc) and watchdog.peer_lost(cfg.watchdog_window_s + 2 * watchdog.interval_s):
-            lost = PeerLost if launch.rank == 0 else OrphanedError
+        if session.peer_went_silent(exc):
+            lost = OrphanedError if watchdog.verdict_message.startswith("orphaned") else PeerLost
             cause = lost(watchdog.verdict_message)
         # The first failing rank is told from the ranks that merely followed by these records.
         flight.record({"name": "fatal", "detail": f"{type(cause).__name__}: {str(cause)[:500]}"})
@@ -129,6 +145,23 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
             destroy_groups(groups)
         else:
             log.critical("poisoned: process groups left as they are (no further dist calls)")
+
+
+def agree_run_id(groups: Groups, *, bound_s: float) -> str:
+    """rank0's fresh run id, known to every rank of this job: it names the job's liveness keys
+    (another job's or a stale client's keys in the same store cannot mark a rank alive or done)
+    and its flight records (`inspect` ignores an earlier job's)."""
+    mine = uuid.uuid4().hex[:12].encode() if groups.global_rank == 0 else b""
+    t0 = time.perf_counter()
+    try:
+        return all_gather_bytes(mine, groups.startup, allowed="startup")[0].decode("ascii")
+    except RuntimeError as exc:  # a peer died or never came: name it, not a raw backend error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeerLost(
+            f"run id agreement on group 'startup' failed on rank {groups.global_rank} after "
+            f"{time.perf_counter() - t0:.1f} s (a peer died, or did not start within "
+            f"--startup-timeout {bound_s:g} s): {first}"
+        ) from exc
 
 
 def liveness_of(session: RankSession) -> Callable[[], list[dict[str, object]]]:
