@@ -139,8 +139,14 @@ def _encode_text(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+DRAIN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
-    """First SIGINT/SIGTERM drains at the next chunk boundary; a second one aborts at once.
+    """First SIGINT/SIGTERM/SIGHUP drains at the next chunk boundary; a second one aborts at once.
+
+    SIGHUP (the terminal or ssh session went away) drains like SIGTERM: the job's output ends
+    whole and it exits 0, instead of the default of dying with a fragment unwritten.
 
     Returns the previous handlers so an in-process caller (tests) gets them back.
     """
@@ -148,7 +154,7 @@ def _install_drain_handlers(stop: StopFlag) -> dict[int, object]:
     def handler(signum: int, frame: object) -> None:
         stop.request(signal.Signals(signum).name)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {sig: signal.signal(sig, handler) for sig in DRAIN_SIGNALS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +255,7 @@ def _report(summary: RunSummary | None) -> int:
         )
         # SIGTERM is how service managers stop a job, the stop button how a viewer does: a
         # completed drain is a success
-        return EXIT_OK if summary.stopped_early in ("SIGTERM", STOP_OVER_HTTP) else EXIT_INTERRUPTED
+        return EXIT_OK if summary.stopped_early in ("SIGTERM", "SIGHUP", STOP_OVER_HTTP) else EXIT_INTERRUPTED
     pp = ""
     if summary.overlap_score is not None or summary.dropped_stale:
         score = "n/a" if summary.overlap_score is None else f"{summary.overlap_score:.3f}"

@@ -44,7 +44,7 @@ class Row:
 
 TP, PP = "tests/dist/test_tp.py", "tests/dist/test_pp.py"
 CH, LIVE = "tests/dist/test_channels.py", "tests/dist/test_liveness.py"
-COMPILE = "tests/dist/test_compile.py"
+COMPILE, OUT = "tests/dist/test_compile.py", "tests/unit/test_output.py"
 ROWS: tuple[Row, ...] = (
     Row(
         "OM-01",
@@ -229,6 +229,32 @@ ROWS: tuple[Row, ...] = (
         "a pp mesh rank (leader or peer) killed: every survivor names it (exit 6)",
         (f"{LIVE}::test_pp_killed_mesh_rank_is_named_by_every_survivor",),
         ranks=3,
+    ),
+    Row(
+        "D-verdict-mp4",
+        "a watchdog abort closes the .mp4: every generated chunk in it and claimed",
+        (f"{LIVE}::test_a_watchdog_abort_closes_the_mp4_with_every_chunk_generated",),
+    ),
+    Row(
+        "D-kill",
+        "SIGKILL mid-stream (.npy, .mp4): the file holds exactly what the metrics claim",
+        (f"{OUT}::test_sigkill_leaves_exactly_the_claimed_frames",),
+        nccl=False,
+    ),
+    Row(
+        "D-hup",
+        "SIGHUP drains like SIGTERM: exit 0, frames == metrics",
+        (f"{OUT}::test_sighup_drains_like_sigterm",),
+        nccl=False,
+    ),
+    Row(
+        "D-full",
+        "a full disk (.npy, .mp4): exit 1 naming it, whole file, frames == metrics",
+        (
+            f"{OUT}::test_a_full_disk_ends_the_run_with_every_claimed_frame_on_disk",
+            f"{OUT}::test_a_full_disk_leaves_an_mp4_of_whole_fragments_equal_to_the_metrics",
+        ),
+        nccl=False,
     ),
     Row(
         "X-sigterm",

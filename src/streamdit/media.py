@@ -6,6 +6,12 @@ written so far readable. The .mp4 is fragmented (a fragment per chunk: `empty_mo
 `frag_keyframe`, a keyframe on each chunk's first frame, packets flushed as they are muxed), so
 even a SIGKILL leaves a playable file holding every chunk but the newest, whose fragment closes
 at the next chunk's keyframe. The .npy header is rewritten after each append.
+
+`durable_frames` is what a reader of the file would find if the process died now (SIGKILL
+included): every frame for .npy, every closed fragment's for .mp4 (all of them after
+`close()`). What a stream claims (its metrics lines) follows it, never `frames_written`.
+`abort()` (after a failed write) cuts the file back to its durable part, so a full disk leaves
+no torn tail: the file decodes strictly.
 Also `probe_video` / `read_video_frames` for video-to-video input. Imports no other streamdit
 layer besides errors.
 """
@@ -13,6 +19,9 @@ layer besides errors.
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
+import os
 from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
@@ -22,15 +31,22 @@ import numpy as np
 
 from streamdit.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
 NPY_HEADER_LEN = 128  # fixed so the shape can be rewritten in place as frames are appended
 
 
 class VideoWriter(Protocol):
     frames_written: int
 
+    @property
+    def durable_frames(self) -> int: ...
+
     def write(self, frames: np.ndarray) -> None: ...  # uint8 [T, H, W, 3]
 
     def close(self) -> None: ...
+
+    def abort(self) -> None: ...
 
 
 class NullWriter:
@@ -39,10 +55,17 @@ class NullWriter:
     def __init__(self) -> None:
         self.frames_written = 0
 
+    @property
+    def durable_frames(self) -> int:
+        return self.frames_written
+
     def write(self, frames: np.ndarray) -> None:
         self.frames_written += int(frames.shape[0])
 
     def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
         pass
 
 
@@ -66,17 +89,29 @@ class NpyWriter:
         self._fh.seek(0)
         self._fh.write(prefix + body_len.to_bytes(2, "little") + body)
 
+    @property
+    def durable_frames(self) -> int:
+        return self.frames_written
+
     def write(self, frames: np.ndarray) -> None:
         _check_frames(frames, self.height, self.width)
         self._fh.seek(0, 2)
         self._fh.write(np.ascontiguousarray(frames).tobytes())
+        self._fh.flush()  # the bytes first: the header never claims frames not in the file
         self.frames_written += frames.shape[0]
-        self._write_header()  # only after the bytes are on disk: the header never overclaims
+        self._write_header()
         self._fh.flush()
 
     def close(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+    def abort(self) -> None:
+        """Drop a torn append: the file ends where its header's frames end."""
+        size = NPY_HEADER_LEN + self.frames_written * self.height * self.width * 3
+        with contextlib.suppress(OSError):  # its buffered bytes were the torn append
+            self._fh.close()
+        _truncate(self.path, size)
 
 
 class Mp4Writer:
@@ -101,25 +136,50 @@ class Mp4Writer:
         # zerolatency: no lookahead/B-frames, so packets leave the encoder as frames go in.
         stream.options = {"tune": "zerolatency", "crf": "18", "preset": "veryfast"}
         self._stream = stream
+        self._muxed = 0  # packets (= frames) handed to the muxer
+        self._durable = 0  # frames in closed fragments
+        self._durable_bytes = 0  # the file's size when the last fragment closed
+
+    @property
+    def durable_frames(self) -> int:
+        return self._durable
 
     def write(self, frames: np.ndarray) -> None:
         _check_frames(frames, self.height, self.width)
         for i, img in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
             frame.pict_type = av.video.frame.PictureType.I if i == 0 else av.video.frame.PictureType.NONE
-            for packet in self._stream.encode(frame):
-                self._container.mux(packet)
+            self._mux(self._stream.encode(frame))
         self.frames_written += frames.shape[0]
+
+    def _mux(self, packets: list[av.Packet]) -> None:
+        for packet in packets:
+            keyframe = packet.is_keyframe
+            self._container.mux(packet)
+            if keyframe and self._muxed > 0:
+                # the muxer wrote the fragment this keyframe closed, and flushed it (flush_packets)
+                self._durable, self._durable_bytes = self._muxed, self.path.stat().st_size
+            self._muxed += 1
 
     def close(self) -> None:
         if self._container is None:
             return
         try:
-            for packet in self._stream.encode(None):
-                self._container.mux(packet)
+            self._mux(self._stream.encode(None))
         finally:
             self._container.close()
             self._container = None
+        self._durable = self._muxed
+
+    def abort(self) -> None:
+        """After a failed write: close what can be closed and cut the file back to its last
+        closed fragment (a torn fragment would fail a strict decode)."""
+        if self._container is not None:
+            with contextlib.suppress(av.FFmpegError, OSError):  # the full disk may fail this too
+                self._container.close()
+            self._container = None
+        _truncate(self.path, self._durable_bytes)
+        self.frames_written = self._durable
 
 
 def open_writer(path: Path, *, height: int, width: int, fps: int) -> VideoWriter:
@@ -127,6 +187,13 @@ def open_writer(path: Path, *, height: int, width: int, fps: int) -> VideoWriter
     if path.suffix == ".npy":
         return NpyWriter(path, height, width)
     return Mp4Writer(path, height, width, fps)
+
+
+def _truncate(path: Path, size: int) -> None:
+    try:
+        os.truncate(path, size)
+    except OSError as exc:  # never hide the write's own error behind this one
+        log.error("could not cut %s back to %d bytes: %s", path, size, exc)
 
 
 def _check_frames(frames: np.ndarray, height: int, width: int) -> None:

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 
+from mp4check import strict_frames
 from streamdit.media import NpyWriter, count_mp4_frames
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
 from streamdit.runtime.output import OutputError, OutputWorker
@@ -148,3 +149,71 @@ def test_a_crash_keeps_video_and_metrics_equal(tmp_path: Path, suffix: str) -> N
     frames = np.load(out).shape[0] if suffix == "npy" else count_mp4_frames(out)
     assert [r["chunk_index"] for r in rows] == [0, 1, 2]
     assert frames == sum(r["frames"] for r in rows) == 9 + 2 * 12
+
+
+def test_a_full_disk_leaves_an_mp4_of_whole_fragments_equal_to_the_metrics(tmp_path: Path) -> None:
+    """The .mp4 under a size limit half way: the failed fragment is cut off (the file is whole
+    boxes and decodes), and the metrics claim exactly the frames it holds."""
+    full, _, _ = _run(tmp_path / "full", "mp4")
+    assert full.returncode == 0, full.stderr
+    size = (tmp_path / "full" / "v.mp4").stat().st_size
+    proc, out, rows = _run(tmp_path, "mp4", limit=size // 2)
+    assert proc.returncode == 1, proc.stderr
+    assert "output: writing failed:" in proc.stderr and "written and valid" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert 0 < strict_frames(out) == sum(r["frames"] for r in rows) < 9 + 5 * 12
+
+
+def _start(tmp_path: Path, suffix: str, chunks: int = 40) -> tuple[subprocess.Popen, Path, Path]:
+    out, metrics = tmp_path / f"v.{suffix}", tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "streamdit", "run", "--height", "32", "--width", "48"]
+    cmd += ["--chunks", str(chunks), "--out", str(out), "--metrics", str(metrics), "--no-progress"]
+    env = {**os.environ, "STREAMDIT_TEST_SLOW_CHUNK_MS": "300"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return proc, out, metrics
+
+
+def _lines(metrics: Path) -> list[dict]:
+    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+
+
+def _wait_lines(proc: subprocess.Popen, metrics: Path, n: int) -> None:
+    deadline = time.monotonic() + 90
+    while len(_lines(metrics)) < n:
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no progress"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("suffix", ["npy", "mp4"])
+def test_sigkill_leaves_exactly_the_claimed_frames(tmp_path: Path, suffix: str) -> None:
+    """Nothing can run on SIGKILL: the metrics must never have claimed what the file lacks
+    (.mp4: a chunk is claimed once the next keyframe closed its fragment)."""
+    proc, out, metrics = _start(tmp_path, suffix)
+    try:
+        _wait_lines(proc, metrics, 3)
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+    claimed = sum(r["frames"] for r in _lines(metrics))
+    frames = np.load(out).shape[0] if suffix == "npy" else strict_frames(out)
+    assert frames == claimed >= 9 + 2 * 12
+
+
+@pytest.mark.parametrize("suffix", ["npy", "mp4"])
+def test_sighup_drains_like_sigterm(tmp_path: Path, suffix: str) -> None:
+    """A closed terminal (SIGHUP) drains: exit 0, every generated chunk in the file and claimed."""
+    proc, out, metrics = _start(tmp_path, suffix)
+    try:
+        _wait_lines(proc, metrics, 3)
+        proc.send_signal(signal.SIGHUP)
+        log = proc.communicate(timeout=60)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, log[-3000:]
+    assert "interrupted (SIGHUP)" in log, log[-3000:]
+    rows = _lines(metrics)
+    assert 3 <= len(rows) < 40 and [r["chunk_index"] for r in rows] == list(range(len(rows)))
+    frames = np.load(out).shape[0] if suffix == "npy" else strict_frames(out)
+    assert frames == sum(r["frames"] for r in rows)

@@ -12,7 +12,6 @@ the workers before rank0 runs its own shard). `single` passes none.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
-from streamdit.runtime.output import OutputError, OutputWorker, PhaseMarks
+from streamdit.runtime.output import OutputError, OutputGuard, OutputWorker, PhaseMarks
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GeneratorInputs
 from streamdit.runtime.stage0 import Stage0
@@ -69,7 +68,7 @@ class StreamOutputs:
     """
 
     def __init__(
-        self, cfg: RunConfig, chunks: int, live: LiveStream | None = None, guard: threading.Lock | None = None
+        self, cfg: RunConfig, chunks: int, live: LiveStream | None = None, guard: OutputGuard | None = None
     ) -> None:
         self.cfg = cfg
         self.t_start = time.monotonic()
@@ -102,7 +101,7 @@ class StreamOutputs:
                 log.exception("the output failed too, while the stream ended on %r", exc)
         finally:
             self.progress.close()
-            self.writer.close()
+            self.writer.close()  # closed by the worker already; idempotent
             self.metrics.close()
 
     def summary(
@@ -129,7 +128,7 @@ def drive(
     faults: FaultPlan,
     stop: StopFlag,
     publish: Publish | None = None,
-    guard: threading.Lock | None = None,
+    guard: OutputGuard | None = None,
     live: LiveStream | None = None,
     keepalive: Callable[[], None] | None = None,
 ) -> RunSummary:

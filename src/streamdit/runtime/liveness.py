@@ -44,12 +44,16 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
 from streamdit.config import LaunchEnv
 from streamdit.errors import EXIT_ORPHANED, EXIT_PEER_LOST, Poisoned, StreamditError
 from streamdit.protocol.errors import ChannelBroken, HeaderError, TransportError
+
+if TYPE_CHECKING:
+    from streamdit.runtime.output import OutputGuard
 
 log = logging.getLogger(__name__)
 
@@ -253,15 +257,16 @@ class Watchdog:
         self._verdict.set()
 
 
-def exit_on_verdict(record: Callable[[str], object], guard: threading.Lock) -> Verdict:
-    """The runtime's verdict: record it (flight record), wait for a frame write in progress to
-    finish (the output stays valid), then end the process with the verdict's code."""
+def exit_on_verdict(record: Callable[[str], object], guard: OutputGuard) -> Verdict:
+    """The runtime's verdict: record it (flight record), take the output guard (a chunk being
+    written finishes; the video is closed whole and its lines claimed), then end the process
+    with the verdict's code."""
 
     def verdict(code: int, message: str) -> None:
         try:
             record(message)
         finally:
-            guard.acquire(timeout=5.0)  # never released: nothing may write after this
+            guard.take_for_exit(timeout_s=5.0)  # the output closed whole; nothing writes after
             logging.shutdown()
             os._exit(code)
 

@@ -10,8 +10,14 @@ overlap the next chunk's generation.
 
 Invariants:
 - Nothing is lost and nothing is claimed unwritten: a chunk's metrics line is appended only
-  after its frames are in the video, so frames written == sum of the metrics lines' frames at
-  every moment, also after a crash, a signal or a full disk.
+  once its frames are *durable* in the video (`VideoWriter.durable_frames`: at once for .npy;
+  for .mp4 when the next chunk's keyframe closes its fragment, or at close), so the frames a
+  reader finds == sum of the metrics lines' frames at every moment, also after a SIGKILL, a
+  crash, a signal or a full disk (a failed write cuts the file back to its durable part).
+  Viewers and the progress bar hear of a chunk as soon as it is written.
+- A watchdog verdict (which ends the process from another thread) takes the `OutputGuard`
+  between two chunks and lets the worker finish: the writer closes (its last fragment
+  included) and the remaining lines are claimed, before the process exits.
 - `close()` (called on every exit of the stream, crash or signal included) drains the queue:
   every chunk already generated is written before the files close.
 - Bounded: at most `depth` chunks wait. A disk slower than generation for longer than that makes
@@ -21,7 +27,8 @@ Invariants:
   Chunks queued behind a failed write are not written and not counted.
 
 One owner: only the writer thread touches the video writer, the metrics file, the live sinks and
-the progress bar once the worker started; the loop thread only submits.
+the progress bar once the worker started (the thread holding the guard, for each chunk); the
+loop thread only submits; `close` and a verdict's finish run once that thread is done or held.
 """
 
 from __future__ import annotations
@@ -50,6 +57,38 @@ Emitted = Callable[[np.ndarray, ChunkMetrics], None]
 
 class OutputError(StreamditError):
     """Writing the stream's output failed; what was written before stays valid."""
+
+
+class OutputGuard:
+    """rank0's outputs vs a watchdog verdict that ends the process from another thread.
+
+    The writer thread holds it while it writes and claims one chunk; `take_for_exit` (the
+    verdict) takes it for good, so no write is cut in half, then runs the finish the outputs
+    registered (close the video, claim what it holds) before the process ends.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._finish: Callable[[], None] | None = None
+
+    def __enter__(self) -> OutputGuard:
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def on_exit(self, finish: Callable[[], None] | None) -> None:
+        self._finish = finish
+
+    def take_for_exit(self, timeout_s: float) -> None:
+        """Never released: nothing writes after this. Bounded: a write stuck on a dead disk
+        cannot keep the process alive past `timeout_s` (its chunk is then not claimed)."""
+        if self._lock.acquire(timeout=timeout_s) and self._finish is not None:
+            try:
+                self._finish()
+            except Exception:  # noqa: BLE001 - the exit must happen
+                log.exception("output: finishing the files on exit failed")
 
 
 class PhaseMarks:
@@ -110,7 +149,7 @@ class OutputWorker:
         *,
         t_start: float,
         emitted: Emitted | None = None,
-        guard: threading.Lock | None = None,
+        guard: OutputGuard | None = None,
         depth: int = WRITER_DEPTH,
     ) -> None:
         self.writer = writer
@@ -124,6 +163,11 @@ class OutputWorker:
         self._wait_s = 0.0
         self._thread = threading.Thread(target=self._run, name="streamdit-writer", daemon=True)
         self._started = False
+        self._unclaimed: list[ChunkMetrics] = []  # written, not yet durable: no line yet
+        self._claimed_frames = 0
+        self._chunks_written = 0
+        if guard is not None:
+            guard.on_exit(self._finish)
 
     def submit(self, frames: torch.Tensor, record: ChunkMetrics, marks: PhaseMarks | None = None) -> None:
         """Queue one chunk: `frames` uint8 `[T, H, W, 3]` on any device; `record.frames` == T.
@@ -144,14 +188,26 @@ class OutputWorker:
         self._wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Write every queued chunk, then stop the thread; raises OutputError if a write failed."""
+        """Write every queued chunk, stop the thread, close the video and claim what it holds;
+        raises OutputError if a write failed."""
         if self._started:
             self._put(_STOP)
             self._thread.join()
             self._started = False
+        with self.guard or nullcontext():
+            self._finish()
         if self._wait_s > 0.05:
             log.info("writer: generation waited %.0f ms in all for the output queue", self._wait_s * 1e3)
         self._raise_if_failed()
+
+    def _finish(self) -> None:
+        """Close the video (its last fragment goes to disk) and claim every durable chunk."""
+        if self._failure is None:
+            try:
+                self.writer.close()
+            except BaseException as exc:  # noqa: BLE001 - reported by close() like a write failure
+                self._fail(exc, "the video's last fragment not written")
+        self._claim()
 
     def _put(self, item: object) -> None:
         while True:  # a failed thread takes nothing more: never block on its full queue
@@ -163,9 +219,7 @@ class OutputWorker:
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            written = (
-                f"{len(self.metrics.records)} chunks ({self.writer.frames_written} frames) written and valid"
-            )
+            written = f"{len(self.metrics.records)} chunks ({self._claimed_frames} frames) written and valid"
             raise OutputError(f"output: writing failed: {self._failure}; {written}") from self._failure
 
     def _run(self) -> None:
@@ -179,20 +233,36 @@ class OutputWorker:
             try:
                 self._write(item)
             except BaseException as exc:  # noqa: BLE001 - handed to the loop thread, not lost
-                log.error("writer: chunk %d not written: %s", item.record.chunk_index, exc)
-                self._failure = exc
+                self._fail(exc, f"chunk {item.record.chunk_index} not written")
+
+    def _fail(self, exc: BaseException, what: str) -> None:
+        log.error("writer: %s: %s", what, exc)
+        self._failure = exc
+        self.writer.abort()  # the file back to its durable part: no torn tail
+        self._claim()
+        self._unclaimed.clear()  # not in the file: never claimed
 
     def _write(self, chunk: _Chunk) -> None:
         if chunk.copied is not None:
             chunk.copied.synchronize()
         frames = chunk.host.numpy()
-        with self.guard or nullcontext():
-            self.writer.write(frames)
         record = dataclasses.replace(chunk.record, emit_s=time.monotonic() - self.t_start)
         if chunk.marks is not None:
             a, b, c = chunk.marks.phase_ms()
             record = dataclasses.replace(record, phase_a_ms=a, phase_b_ms=b, phase_c_ms=c)
-        self.metrics.write(record)
+        with self.guard or nullcontext():
+            self.writer.write(frames)
+            self._unclaimed.append(record)
+            self._chunks_written += 1
+            self._claim()
         if self.emitted is not None:
             self.emitted(frames, record)
-        self.progress.update(len(self.metrics.records), self.writer.frames_written)
+        self.progress.update(self._chunks_written, self.writer.frames_written)
+
+    def _claim(self) -> None:
+        """A metrics line for every written chunk whose frames are durable, in order."""
+        durable = self.writer.durable_frames
+        while self._unclaimed and self._claimed_frames + self._unclaimed[0].frames <= durable:
+            record = self._unclaimed.pop(0)
+            self.metrics.write(record)
+            self._claimed_frames += record.frames

@@ -21,7 +21,6 @@ the summary carries the OverlapScore and the dropped-stale count.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics, overlap_score
+from streamdit.runtime.output import OutputGuard
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs, id_kwargs
 from streamdit.runtime.pp_link import StageLink
 from streamdit.runtime.stage0 import ChunkNotes, Stage0
@@ -225,7 +225,7 @@ def drive_pipelined(
     device: torch.device,
     faults: FaultPlan,
     stop: StopFlag,
-    guard: threading.Lock,
+    guard: OutputGuard,
     live: LiveStream | None = None,
 ) -> RunSummary:
     """Every chunk through the pipeline; files closed on any exit (valid video).

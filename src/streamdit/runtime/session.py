@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +30,7 @@ from streamdit.runtime.build import ValidatedRun, validate_run
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.flight import FlightRecorder
 from streamdit.runtime.liveness import Watchdog, exit_on_verdict, transport_like
+from streamdit.runtime.output import OutputGuard
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class RankSession:
     flight_path: Path
     groups: Groups
     watchdog: Watchdog
-    guard: threading.Lock = field(default_factory=threading.Lock)  # output writes vs a verdict
+    guard: OutputGuard = field(default_factory=OutputGuard)  # output writes vs a verdict
     done: bool = False  # set on a clean end: watchers then stop watching this rank
     destroy_groups: bool = True  # False once poisoned: no further dist call
 
@@ -109,7 +109,7 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
     )
     run_id = agree_run_id(groups, bound_s=cfg.startup_timeout_s)
     flight.run_id = run_id
-    guard = threading.Lock()
+    guard = OutputGuard()
 
     def record_verdict(message: str) -> None:
         flight.record({"name": "watchdog", "detail": message})

@@ -20,7 +20,6 @@ Phase B every `input_digest_every` chunks; output digests every `output_digest_e
 from __future__ import annotations
 
 import logging
-import threading
 
 import torch
 
@@ -37,6 +36,7 @@ from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
+from streamdit.runtime.output import OutputGuard
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs
 from streamdit.runtime.session import liveness_of, rank_session
@@ -123,7 +123,7 @@ def _rank0(
     channel: BroadcastChannel,
     faults: FaultPlan,
     stop: StopFlag,
-    guard: threading.Lock,
+    guard: OutputGuard,
     live: LiveStream | None,
 ) -> RunSummary:
     stage0, chunks = build_stage0(run, live)
