@@ -257,6 +257,18 @@ ROWS: tuple[Row, ...] = (
         nccl=False,
     ),
     Row(
+        "B-timeline",
+        "hostile timelines (5000 digits, 200k-deep, not UTF-8, oversized): exit 2, no traceback",
+        ("tests/unit/test_cli.py::test_hostile_timeline_exits_2_without_a_traceback",),
+        nccl=False,
+    ),
+    Row(
+        "B-out",
+        "--out a directory or an unwritable folder: exit 2 before model work",
+        ("tests/unit/test_cli.py::test_an_unwritable_out_exits_2_before_model_work",),
+        nccl=False,
+    ),
+    Row(
         "X-sigterm",
         "SIGTERM to rank0 mid-stream: drain, every rank exits 0, valid video",
         (f"{LIVE}::test_sigterm_to_rank0_drains_and_every_rank_exits_0",),

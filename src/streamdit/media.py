@@ -182,6 +182,22 @@ class Mp4Writer:
         self.frames_written = self._durable
 
 
+def check_output_path(path: Path, field: str) -> None:
+    """Refuse, before any model work, an output file that cannot be written: a directory, or a
+    folder that cannot be created or written to (a file is created there and removed)."""
+    if path.is_dir():
+        raise ConfigError(f"{field} {path} is a directory, not a file [field={field}]")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".streamdit-write-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(
+            f"{field} {path}: its folder cannot be written: {exc.strerror or exc} [field={field}]"
+        ) from exc
+
+
 def open_writer(path: Path, *, height: int, width: int, fps: int) -> VideoWriter:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npy":

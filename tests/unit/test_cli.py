@@ -158,6 +158,48 @@ def test_malformed_timeline_exits_2(tmp_path: Path, capsys, name: str, text: str
     assert needle in err and "timeline" in err or name in err
 
 
+@pytest.mark.parametrize(
+    ("name", "data", "needle"),
+    [
+        ("digits.json", b'{"entries": [{"chunk": ' + b"9" * 5000 + b', "prompt": "x"}]}', "not valid JSON"),
+        ("deep.json", b'{"entries": ' + b"[" * 200_000 + b"]" * 200_000 + b"}", "nested too deeply"),
+        ("latin1.json", b'{"entries": [{"chunk": 0, "prompt": "caf\xe9"}]}', "not UTF-8"),
+        ("huge.json", b'{"entries": [{"chunk": 0, "prompt": "' + b"x" * (1 << 20) + b'"}]}', "over"),
+        (
+            "far.json",
+            b'{"entries": [{"chunk": 0, "prompt": "a"}, {"chunk": ' + b"9" * 40 + b', "prompt": "b"}]}',
+            "chunk",
+        ),
+    ],
+    ids=["5000-digit-chunk", "200k-deep", "invalid-utf8", "oversized", "chunk-past-int64"],
+)
+def test_hostile_timeline_exits_2_without_a_traceback(
+    tmp_path: Path, capsys, name: str, data: bytes, needle: str
+) -> None:
+    tl = tmp_path / name
+    tl.write_bytes(data)
+    assert main(["run", "--timeline", str(tl), "--out", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and name in err, err[-2000:]
+    assert "Traceback" not in err and len(err) < 4000  # named, and short
+
+
+@pytest.mark.parametrize("where", ["directory", "under-a-file", "proc"])
+def test_an_unwritable_out_exits_2_before_model_work(tmp_path: Path, where: str) -> None:
+    """Found at validation (seconds), not after the model is built (a 14B load)."""
+    (tmp_path / "file").write_text("x")
+    out = {
+        "directory": tmp_path,
+        "under-a-file": tmp_path / "file" / "v.mp4",
+        "proc": Path("/proc/streamdit-nope/v.mp4"),
+    }[where]
+    cmd = [sys.executable, "-m", "streamdit", "run", "--out", str(out), "--no-progress"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "[field=out]" in proc.stderr and str(out) in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 def test_unreadable_input_video_exits_2(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "garbage.mp4"
     bad.write_bytes(os.urandom(4096))

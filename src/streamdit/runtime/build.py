@@ -21,7 +21,7 @@ import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import ConfigError
-from streamdit.media import probe_video, read_video_frames
+from streamdit.media import check_output_path, probe_video, read_video_frames
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.fp8 import fp8_supported, quantize_blocks
@@ -93,8 +93,11 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
             if source.config is not None:
                 check_dit_config(dit, source.config)
             check_checkpoint(_meta_dit(dit), source)
+    check_output_path(cfg.out, "out")  # every rank writes its flight record beside it
     timeline = Timeline.single(cfg.prompt)
     if not generator_only:
+        if cfg.metrics is not None:
+            check_output_path(cfg.metrics, "metrics")
         timeline = _validate_stage0_inputs(cfg, dit, dtype)
     return ValidatedRun(
         cfg=cfg,

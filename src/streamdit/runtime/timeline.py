@@ -31,6 +31,8 @@ from streamdit.errors import ConfigError
 
 TRANSITIONS = ("hard", "soft", "cut")
 ENTRY_KEYS = {"chunk", "prompt", "transition", "blend_chunks"}
+MAX_TIMELINE_BYTES = 1 << 20  # a timeline is a script of prompts, not a data set
+MAX_CHUNK = 2**31 - 1  # chunk numbers travel as int64 ids; far past any stream's length
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -84,16 +86,25 @@ class Timeline:
 
     @classmethod
     def load(cls, path: Path) -> Timeline:
+        """Read and validate a .json or .toml timeline; any malformed file is a ConfigError
+        naming it (too large, not UTF-8, not parseable, nested too deep, a number too long)."""
         try:
-            text = path.read_text(encoding="utf-8")
+            if path.stat().st_size > MAX_TIMELINE_BYTES:
+                raise ConfigError(
+                    f"timeline {path} is {path.stat().st_size} bytes, over {MAX_TIMELINE_BYTES} "
+                    "[field=timeline]"
+                )
+            text = path.read_bytes().decode("utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read timeline {path}: {exc.strerror} [field=timeline]") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"timeline {path} is not UTF-8 text: {exc} [field=timeline]") from exc
+        kind = "TOML" if path.suffix == ".toml" else "JSON"
         try:
-            data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(
-                f"timeline {path} is not valid {path.suffix or 'JSON'}: {exc} [field=timeline]"
-            ) from exc
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+        except (ValueError, RecursionError) as exc:  # decode errors, int digit limit, depth
+            why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ConfigError(f"timeline {path} is not valid {kind}: {why} [field=timeline]") from exc
         return cls(parse_entries(data, path))
 
     def state(self, chunk: int, blend_chunks: int = 2) -> PromptState:
@@ -141,6 +152,12 @@ def parse_entries(data: Any, path: Path) -> list[TimelineEntry]:
     return out
 
 
+def _short(value: Any) -> str:
+    """A value for an error message, cut short (a 4000-digit number must not flood the log)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
 def _parse_entry(raw: Any, where: str) -> TimelineEntry:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table/object [field=entries]")
@@ -148,17 +165,24 @@ def _parse_entry(raw: Any, where: str) -> TimelineEntry:
     if unknown:
         raise ConfigError(f"{where} has unknown keys {sorted(unknown)} [field={sorted(unknown)[0]}]")
     chunk = raw.get("chunk")
-    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-        raise ConfigError(f"{where}.chunk must be an integer >= 0, got {chunk!r} [field=chunk]")
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or not 0 <= chunk <= MAX_CHUNK:
+        raise ConfigError(
+            f"{where}.chunk must be an integer in [0, {MAX_CHUNK}], got {_short(chunk)} [field=chunk]"
+        )
     prompt = raw.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ConfigError(f"{where}.prompt must be a non-empty string, got {prompt!r} [field=prompt]")
+        raise ConfigError(f"{where}.prompt must be a non-empty string, got {_short(prompt)} [field=prompt]")
     transition = raw.get("transition", "hard")
     if transition not in TRANSITIONS:
         raise ConfigError(
             f"{where}.transition must be one of {TRANSITIONS}, got {transition!r} [field=transition]"
         )
     blend = raw.get("blend_chunks")
-    if blend is not None and (not isinstance(blend, int) or isinstance(blend, bool) or blend < 1):
-        raise ConfigError(f"{where}.blend_chunks must be an integer >= 1, got {blend!r} [field=blend_chunks]")
+    if blend is not None and (
+        not isinstance(blend, int) or isinstance(blend, bool) or not 1 <= blend <= MAX_CHUNK
+    ):
+        raise ConfigError(
+            f"{where}.blend_chunks must be an integer in [1, {MAX_CHUNK}], got {_short(blend)} "
+            "[field=blend_chunks]"
+        )
     return TimelineEntry(chunk=chunk, prompt=prompt, transition=transition, blend_chunks=blend)
