@@ -269,6 +269,12 @@ ROWS: tuple[Row, ...] = (
         nccl=False,
     ),
     Row(
+        "I-records",
+        "inspect: an earlier job's records ignored, rotated at start; torn / absurd records reported",
+        ("tests/unit/test_inspect.py",),
+        nccl=False,
+    ),
+    Row(
         "X-sigterm",
         "SIGTERM to rank0 mid-stream: drain, every rank exits 0, valid video",
         (f"{LIVE}::test_sigterm_to_rank0_drains_and_every_rank_exits_0",),

@@ -9,6 +9,13 @@ The report names the first rank whose fatal event is a cause (by wall-clock time
 one host share it); when every record is a symptom, it names the rank they point at (the peer
 that stopped heartbeating, or rank0 for orphans), including ranks that left no record at all
 (killed or stopped).
+
+Only one job is judged: records carry their job's run id, and the job of the newest record
+wins; an earlier job's records (a rank that did not start this time) are listed as ignored.
+Each rank moves its previous record to `flight/previous/` when it starts, so a job that
+succeeded leaves no record to be mistaken for its own. Reading is bounded: a record over
+`MAX_RECORD_BYTES`, truncated or not JSON is reported as unreadable, and a world size over
+`MAX_WORLD` is not believed.
 """
 
 from __future__ import annotations
@@ -46,35 +53,94 @@ class RankRecord:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Report:
     world_size: int | None
+    run_id: str
     ranks: list[RankRecord]
     missing: list[int]  # ranks with no record (killed / stopped / never started)
     first_failing: int | None
     why: str
+    ignored: list[str]  # records not judged: another job's, or unreadable
+
+
+MAX_RECORD_BYTES = 4 << 20  # a flight record is a ring of 256 small events
+MAX_WORLD = 4096
+_RANK_FILE = re.compile(r"rank(\d{1,6})\.json")
+
+
+@dataclass(frozen=True, slots=True)
+class _Loaded:
+    rank: int
+    run_id: str
+    mtime: float
+    events: list[dict]
 
 
 def inspect_records(directory: Path) -> Report:
     folder = directory / "flight" if (directory / "flight").is_dir() else directory
-    files = sorted(folder.glob("rank*.json"))
+    files = sorted(p for p in folder.glob("rank*.json") if _RANK_FILE.fullmatch(p.name))
     if not files:
-        raise ConfigError(f"no flight records (rank*.json) in {folder} [field=dir]")
-    ranks, world = [], None
+        raise ConfigError(f"no flight records (rank<N>.json) in {folder} [field=dir]")
+    loaded, ignored = [], []
     for path in files:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        events = data.get("events", [])
-        world = world or _world_size(events)
-        ranks.append(_rank_record(int(re.sub(r"\D", "", path.stem)), events))
-    ranks.sort(key=lambda r: r.rank)
+        record = _load(path)
+        if isinstance(record, str):
+            ignored.append(record)
+        else:
+            loaded.append(record)
+    if not loaded:
+        raise ConfigError(f"no readable flight record in {folder}: {'; '.join(ignored)} [field=dir]")
+    newest = max(loaded, key=lambda r: r.mtime).run_id
+    for r in loaded:
+        if r.run_id != newest:
+            ignored.append(f"rank{r.rank}.json: an earlier job's (run id {r.run_id or 'none'})")
+    job = [r for r in loaded if r.run_id == newest]
+    world = next((w for r in job if (w := _world_size(r.events)) is not None), None)
+    ranks = sorted((_rank_record(r.rank, r.events) for r in job), key=lambda r: r.rank)
     missing = sorted(set(range(world or 0)) - {r.rank for r in ranks})
     first, why = _first_failing(ranks, missing)
-    return Report(world_size=world, ranks=ranks, missing=missing, first_failing=first, why=why)
+    return Report(
+        world_size=world,
+        run_id=newest,
+        ranks=ranks,
+        missing=missing,
+        first_failing=first,
+        why=why,
+        ignored=ignored,
+    )
+
+
+def _load(path: Path) -> _Loaded | str:
+    """One record, or why it is not judged."""
+    rank = int(_RANK_FILE.fullmatch(path.name).group(1))  # type: ignore[union-attr]
+    try:
+        stat = path.stat()
+        if stat.st_size > MAX_RECORD_BYTES:
+            return f"{path.name}: {stat.st_size} bytes, over {MAX_RECORD_BYTES} (not a flight record?)"
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"{path.name}: unreadable ({type(exc).__name__}: {str(exc)[:80]}; truncated?)"
+    events = data.get("events") if isinstance(data, dict) else None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        return f"{path.name}: not a flight record (no event list)"
+    return _Loaded(rank, str(data.get("run_id") or ""), stat.st_mtime, events)
 
 
 def _world_size(events: list[dict]) -> int | None:
     for e in events:
-        found = re.search(r"world_size=(\d+)", str(e.get("detail", "")))
-        if e.get("name") == "start" and found:
+        found = re.search(r"world_size=(\d{1,6})\b", str(e.get("detail", "")))
+        if e.get("name") == "start" and found and 0 < int(found.group(1)) <= MAX_WORLD:
             return int(found.group(1))
     return None
+
+
+def rotate_record(path: Path) -> None:
+    """At a rank's start: move its previous record (an earlier job's) to `previous/`, so this
+    job's folder only ever holds this job's records. Best effort: a failure is not fatal."""
+    if path.exists():
+        try:
+            (path.parent / "previous").mkdir(parents=True, exist_ok=True)
+            path.replace(path.parent / "previous" / path.name)
+        except OSError:
+            pass
 
 
 def _rank_record(rank: int, events: list[dict]) -> RankRecord:
@@ -119,6 +185,7 @@ def format_report(report: Report) -> str:
         lines.append(f"{m:>4}  {'missing':<8} {'':<18} no flight record (killed, stopped or never started)")
     who = "unknown" if report.first_failing is None else f"rank {report.first_failing}"
     lines.append(f"first failing: {who}: {report.why}")
+    lines.extend(f"ignored: {why}" for why in report.ignored)
     return "\n".join(lines)
 
 

@@ -29,6 +29,7 @@ from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.runtime.build import ValidatedRun, validate_run
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.flight import FlightRecorder
+from streamdit.runtime.inspect import rotate_record
 from streamdit.runtime.liveness import Watchdog, exit_on_verdict, transport_like
 from streamdit.runtime.output import OutputGuard
 
@@ -100,6 +101,7 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
     run = dataclasses.replace(run, attn_backend=faults.effective_backend(run.attn_backend, launch.rank))
     flight = FlightRecorder(label=f"rank{launch.rank}")
     flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
+    rotate_record(flight_path)  # an earlier job's record must not be read as this job's
     groups = init_groups(
         launch,
         device=run.device,
