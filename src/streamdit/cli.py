@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.topology != "single" and not launch.launched:
             from streamdit.runtime.launch import launch_local
 
-            return launch_local(argv, cfg.nproc)
+            # the ranks' own liveness ends any failure; past rank0's exit, a window and a margin
+            return launch_local(argv, cfg.nproc, grace_s=cfg.watchdog_window_s + 10.0)
         note = cfg.synthetic_note() if launch.rank == 0 else None
         if note:
             print(f"streamdit: {note}", file=sys.stderr)
@@ -255,7 +256,10 @@ def _report(summary: RunSummary | None) -> int:
         )
         # SIGTERM is how service managers stop a job, the stop button how a viewer does: a
         # completed drain is a success
-        return EXIT_OK if summary.stopped_early in ("SIGTERM", "SIGHUP", STOP_OVER_HTTP) else EXIT_INTERRUPTED
+        drained = (
+            summary.stopped_early.startswith(("SIGTERM", "SIGHUP")) or summary.stopped_early == STOP_OVER_HTTP
+        )
+        return EXIT_OK if drained else EXIT_INTERRUPTED
     pp = ""
     if summary.overlap_score is not None or summary.dropped_stale:
         score = "n/a" if summary.overlap_score is None else f"{summary.overlap_score:.3f}"

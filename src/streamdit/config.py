@@ -57,7 +57,7 @@ class RunConfig:
     """single | tp (rank0 runs A + C and a generator shard; workers run Phase B only) | pp (rank0
     runs A + C only; ranks 1..N-1 form the generator mesh, TP inside it when N-1 > 1)."""
     nproc: int = 1
-    """Local ranks `streamdit run` starts itself (through torch's elastic launcher) for tp."""
+    """Local ranks `streamdit run` starts itself (runtime/launch.py) for tp / pp."""
     dist_timeout_s: float = 30.0
     """Process-group timeout: bounds every blocking collective (bring-up and per chunk)."""
     startup_timeout_s: float = 900.0
@@ -394,7 +394,7 @@ class LaunchEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     launched: bool = False
-    """True when a launcher (torchrun / our elastic launch) set RANK for this process."""
+    """True when a launcher (torchrun, `--nproc`, SLURM by hand) set RANK for this process."""
     agent_store: bool = False
     """True when the launcher's agent hosts the rendezvous store (torch elastic), not rank0."""
 
@@ -458,6 +458,24 @@ def cpu_thread_defaults(nproc: int) -> dict[str, str]:
     if "OMP_NUM_THREADS" in os.environ:
         return {}
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nproc)))}
+
+
+def rank_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
+    """The torchrun environment of local rank `rank` of `world_size` (rank0 hosts the store on
+    loopback at `master_port`), over this process's own (test hooks included: ranks of one job
+    must agree on them), with the NCCL and CPU-thread defaults."""
+    env = dict(os.environ)
+    env.update(nccl_environment_defaults())
+    env.update(cpu_thread_defaults(world_size))
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(master_port),
+    )
+    return env
 
 
 def child_environment(extra: Mapping[str, str]) -> dict[str, str]:

@@ -269,6 +269,30 @@ ROWS: tuple[Row, ...] = (
         nccl=False,
     ),
     Row(
+        "L-local-abort",
+        "one rank fails while its peers wait in a collective: they exit 5 naming it at once",
+        (f"{LIVE}::test_a_local_failure_inside_phase_b_reaches_every_peer_at_once",),
+        ranks=3,
+    ),
+    Row(
+        "N-launcher",
+        "--nproc: SIGTERM -> 0, Ctrl-C -> 130, a killed worker -> 6; no traceback",
+        (
+            "tests/dist/test_launcher.py::test_a_signal_to_the_launcher_drains_with_the_documented_code",
+            "tests/dist/test_launcher.py::test_a_killed_worker_makes_the_job_exit_6",
+        ),
+        ranks=3,
+    ),
+    Row(
+        "N-worker-term",
+        "SIGTERM to a worker (hand launch, --nproc): rank0 drains the job, every rank exits 0",
+        (
+            "tests/dist/test_launcher.py::test_sigterm_to_a_worker_drains_the_job_under_the_launcher",
+            "tests/dist/test_launcher.py::test_sigterm_to_a_hand_launched_worker_drains_every_rank",
+        ),
+        ranks=3,
+    ),
+    Row(
         "I-records",
         "inspect: an earlier job's records ignored, rotated at start; torn / absurd records reported",
         ("tests/unit/test_inspect.py",),

@@ -260,3 +260,28 @@ def test_a_watchdog_abort_closes_the_mp4_with_every_chunk_generated(tmp_path: Pa
     generated = len(list((tmp_path / "lat").glob("chunk*.npy")))
     assert len(rows) == generated >= 2
     assert strict_frames(out) == _frames_in_metrics(metrics) == 9 + 12 * (generated - 1)
+
+
+@pytest.mark.parametrize(("topology", "world", "crashing"), [("tp", 2, 0), ("tp", 2, 1), ("pp", 3, 2)])
+def test_a_local_failure_inside_phase_b_reaches_every_peer_at_once(
+    tmp_path: Path, topology: str, world: int, crashing: int
+) -> None:
+    """One rank fails on its own at the start of a chunk's Phase B, while its peers already wait
+    for it inside a collective: it announces the abort through the store, so they exit 5 naming
+    it and its error within about a heartbeat, not after --dist-timeout (10 s here); `inspect`
+    names it as the first failing rank."""
+    hooks = {"STREAMDIT_TEST_CRASH_AT_CHUNK": "2", "STREAMDIT_TEST_CRASH_RANK": str(crashing)}
+    t0 = time.monotonic()
+    outcomes = collect(start_ranks([FLAGS] * world, hooks, topology=topology, out_dir=tmp_path, chunks=6), t0)
+    failed = outcomes[crashing]
+    assert failed.code == 1 and "injected crash at chunk 2" in failed.log, failed.log[-3000:]
+    for o in outcomes:
+        if o.rank == crashing:
+            continue
+        assert o.code == 5, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
+        assert f"rank {crashing} aborted: InjectedFault: injected crash at chunk 2" in o.log, o.log[-3000:]
+        assert o.seconds < failed.seconds + 4.0, f"rank {o.rank} at {o.seconds:.1f} s, crash at {failed.seconds:.1f}"
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+    )
+    assert f"first failing: rank {crashing}: InjectedFault" in proc.stdout, proc.stdout

@@ -1,6 +1,6 @@
 """The `tp` topology end to end on CPU/gloo, launched the way users launch it.
 
-- Equivalence: `streamdit run --topology tp --nproc N` (torch's elastic launcher) for N = 2, 4
+- Equivalence: `streamdit run --topology tp --nproc N` (the local launcher) for N = 2, 4
   matches the single-process run within 1e-4 on the generator output, over 6 chunks with a soft
   transition, a hard cut and KV recompute on; only rank0 writes video and metrics.
 - Break-it rows, each asserting which rank failed, how, with which ids, and that every rank

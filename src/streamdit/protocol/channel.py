@@ -203,7 +203,8 @@ class _Channel:
 
     def _poison(self, exc: BaseException, h: Header) -> None:
         text = f"POISONED after commitment point: {self._where(h)}: {type(exc).__name__}: {exc}"
-        log.critical(text, exc_info=exc)
+        log.critical(text)  # the error is named; a dead peer's raw traceback would only be noise
+        log.debug("poisoned send", exc_info=exc)
         self._broken = "poisoned"
         self._emit("poisoned", h, detail=f"{type(exc).__name__}: {exc}")
         self._exit_fn(EXIT_POISONED)

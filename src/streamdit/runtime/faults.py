@@ -25,20 +25,24 @@ import numpy as np
 import torch
 
 from streamdit.config import RunConfig
-from streamdit.errors import ConfigError
+from streamdit.errors import ConfigError, StreamditError
 from streamdit.protocol.header import Ids
 from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.plan import GeneratorInputs
 
 
-class InjectedFault(RuntimeError):
-    """Raised at a named injection point; tests assert on this type."""
+class InjectedFault(StreamditError):
+    """Raised at a named injection point; tests assert on this type. A fault this rank found
+    itself (exit 1): a cause, never mistaken for a transport error a dead peer caused."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class FaultPlan:
     crash_at_chunk: int | None = None
     """Raise InjectedFault in Phase B of this chunk (after earlier chunks were written)."""
+    crash_rank: int | None = None
+    """Only this rank raises at `crash_at_chunk` (default: every generator rank): a failure the
+    others cannot see, while they wait for it inside a TP collective."""
     extra_generator_calls: int = 0
     """Make Phase B issue this many calls beyond its plan (the plan assertion must fire)."""
     slow_chunk_ms: int = 0
@@ -84,6 +88,7 @@ class FaultPlan:
     def from_config(cls, cfg: RunConfig) -> FaultPlan:
         return cls(
             crash_at_chunk=_int(cfg, "CRASH_AT_CHUNK"),
+            crash_rank=_int(cfg, "CRASH_RANK"),
             extra_generator_calls=_int(cfg, "EXTRA_GENERATOR_CALLS") or 0,
             slow_chunk_ms=_int(cfg, "SLOW_CHUNK_MS") or 0,
             mutate_weight_rank=_int(cfg, "MUTATE_WEIGHT_RANK"),
@@ -117,7 +122,8 @@ class FaultPlan:
         self, rank: int, ids: Ids, inputs: GeneratorInputs, model: torch.nn.Module
     ) -> GeneratorInputs:
         """A generator rank about to run a chunk: the inputs it will act on."""
-        if self.crash_at_chunk is not None and ids.chunk_index == self.crash_at_chunk:
+        crashes = self.crash_rank is None or self.crash_rank == rank
+        if self.crash_at_chunk is not None and ids.chunk_index == self.crash_at_chunk and crashes:
             raise InjectedFault(f"injected crash at chunk {ids.chunk_index} (STREAMDIT_TEST_CRASH_AT_CHUNK)")
         self._mutate(model, rank, ids.chunk_index)
         if self.perturb_input_rank == rank:

@@ -167,6 +167,10 @@ def _first_failing(ranks: list[RankRecord], missing: list[int]) -> tuple[int | N
         first = min(causes, key=lambda r: (r.t_wall if r.t_wall is not None else float("inf"), r.rank))
         return first.rank, f"{first.error} (the first cause; others followed)"
     for r in ranks:
+        aborted = re.search(r"rank (\d+) aborted: (\S+)", r.detail)
+        if aborted:
+            return int(aborted.group(1)), f"{aborted.group(2).rstrip(':')} (announced to rank {r.rank})"
+    for r in ranks:
         silent = re.search(r"rank (\d+) has not heartbeat", r.detail)
         if silent:
             return int(silent.group(1)), f"stopped heartbeating (seen by rank {r.rank}); it left no cause"

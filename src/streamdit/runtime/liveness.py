@@ -28,6 +28,17 @@ record and exits the process, since the main thread may be stuck in a collective
 | the store (rank0 or the agent hosts it)| 4 orphaned      | 4 orphaned        |
 | rank0's counter                        | -               | 4 orphaned        |
 | rank r's counter (r != 0)              | 6 peer r lost   | 6 peer r lost     |
+| rank r announced an abort (`abort/<r>`)| 5 peer abort    | 5 peer abort      |
+
+A drain request travels the same way: `request_drain(reason)` (a worker's SIGTERM / SIGHUP /
+Ctrl-C) sets `drain/<r>`, and rank0's watchdog passes it to `on_drain`, which drains the
+stream as rank0's own signal would (every rank then exits 0).
+
+`announce_abort(reason)` is how a rank that fails on its own (a fault only it saw, possibly
+after its peers entered a collective with it) tells every peer at once, out of band: the
+store thread writes `reason/<r>` and bumps `abort/<r>`; every watcher's next reading carries
+it, and its judge exits 5 naming the rank and the reason within about `window / 5` seconds,
+instead of waiting out a collective's timeout.
 
 When several went silent, the one silent longest is named (the others may only be following
 it). A judge that was itself
@@ -49,7 +60,7 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from streamdit.config import LaunchEnv
-from streamdit.errors import EXIT_ORPHANED, EXIT_PEER_LOST, Poisoned, StreamditError
+from streamdit.errors import EXIT_ORPHANED, EXIT_PEER_ABORT, EXIT_PEER_LOST, Poisoned, StreamditError
 from streamdit.protocol.errors import ChannelBroken, HeaderError, TransportError
 
 if TYPE_CHECKING:
@@ -58,21 +69,32 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PREFIX = "streamdit/liveness"
+MAX_REASON = 500  # characters of an abort's reason kept in the store
 Verdict = Callable[[int, str], None]
 
 
 class StopFlag:
-    """Set from a signal handler, read by the coordination loop between chunks."""
+    """Set from a signal handler, read by the coordination loop between chunks.
+
+    On a rank that runs no loop of its own (a tp worker, a pp mesh rank) `forward` passes the
+    first request on (to rank0, through the watchdog), so a SIGTERM to any rank drains the job.
+    """
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self._forward: Callable[[str], object] | None = None
+
+    def forward(self, to: Callable[[str], object]) -> None:
+        self._forward = to
 
     def request(self, reason: str) -> None:
         if self._event.is_set():
             raise KeyboardInterrupt(f"second stop request ({reason}): aborting now")
         self.reason = reason
         self._event.set()
+        if self._forward is not None:
+            self._forward(reason)
 
     @property
     def requested(self) -> bool:
@@ -99,6 +121,10 @@ class Watchdog:
         self._store: dist.TCPStore | None = None
         self._stop = threading.Event()
         self._mark_done = False
+        self._wake = threading.Event()  # the store thread: a round now (stop, an abort to send)
+        self._abort_reason = ""
+        self._abort_sent = threading.Event()
+        self._abort_acked = threading.Event()  # every live watcher has read this rank's abort
         self._verdict = threading.Event()
         self.verdict_message = ""
         self._lock = threading.Lock()  # the store thread's published reading
@@ -106,6 +132,10 @@ class Watchdog:
         self._read_at = now  # when the store thread's last round trip completed
         self._beats: dict[int, int] = {}
         self._done: set[int] = set()
+        self._aborts: dict[int, str] = {}
+        self._drain_reason = ""  # this rank's drain request, for the store thread to send
+        self._drains_seen: set[int] = set()
+        self.on_drain: Callable[[str], object] | None = None  # rank0: drain the stream
         self._store_thread = threading.Thread(target=self._store_loop, name="watchdog-store", daemon=True)
         self._judge_thread = threading.Thread(target=self._judge_loop, name="watchdog", daemon=True)
         # per watched peer: when its heartbeat last changed, and whether it ended cleanly
@@ -129,6 +159,9 @@ class Watchdog:
         for r in range(self.launch.world_size):
             self._store.add(self._key("hb", r), 1 if r == self.launch.rank else 0)
             self._store.add(self._key("done", r), 0)
+            self._store.add(self._key("abort", r), 0)
+            self._store.add(self._key("ack", r), 0)
+            self._store.add(self._key("drain", r), 0)
         self._read_at = time.monotonic()
         self._store_thread.start()
         self._judge_thread.start()
@@ -137,6 +170,7 @@ class Watchdog:
         """Stop beating; `done` tells the watchers this rank ended cleanly (not lost)."""
         self._mark_done = done
         self._stop.set()
+        self._wake.set()
         for thread in (self._judge_thread, self._store_thread):
             if thread.is_alive():
                 thread.join(timeout=self.interval_s * 4)  # a store call may block: bounded
@@ -157,9 +191,30 @@ class Watchdog:
         The verdict's `on_verdict` normally ends the process first; True is returned only when
         it does not (tests), False when every watched peer keeps beating.
         """
-        if not self._judge_thread.is_alive() and not self._verdict.is_set():
-            return False
+        if self._abort_reason or (not self._judge_thread.is_alive() and not self._verdict.is_set()):
+            return False  # after this rank's own abort its peers leave: that is no verdict
         return self._verdict.wait(timeout=wait_s)
+
+    def announce_abort(self, reason: str) -> bool:
+        """Tell every peer through the store that this rank is failing, and why (they exit 5
+        naming it). Waits until the store thread wrote it and every live peer read it (their
+        store threads acknowledge), for at most two heartbeats: this rank may host the store,
+        which must outlive the reading. False if it could not be written."""
+        if not self._store_thread.is_alive() or self._abort_reason:
+            return False
+        self._abort_reason = reason[:MAX_REASON] or "(no reason given)"
+        self._wake.set()
+        bound = 2 * self.interval_s + 1.0
+        if not self._abort_sent.wait(bound):
+            return False
+        if not self._abort_acked.wait(bound):
+            log.warning("abort announced; not every peer acknowledged it within %.1f s", bound)
+        return True
+
+    def request_drain(self, reason: str) -> None:
+        """Ask rank0 to drain the job (from a signal handler: only flags it for the store thread)."""
+        self._drain_reason = reason or "drain"
+        self._wake.set()
 
     def _key(self, kind: str, rank: int) -> str:
         return f"{self.prefix}/{kind}/{rank}"
@@ -168,29 +223,71 @@ class Watchdog:
 
     def _store_loop(self) -> None:
         assert self._store is not None
-        keys = [self._key(kind, r) for kind in ("hb", "done") for r in self.watched]
+        kinds = ("hb", "done", "abort", "drain")
+        keys = [self._key(kind, r) for kind in kinds for r in self.watched]
+        keys.append(self._key("ack", self.launch.rank))  # who has read this rank's abort
         mine = self._key("hb", self.launch.rank)
         warned = False
         while not self._stop.is_set():
             try:
+                self._send_abort()
+                self._send_drain()
                 self._store.add(mine, 1)
                 values = [int(v) for v in self._store.multi_get(keys)] if keys else []
+                n = len(self.watched)
+                aborts = self._abort_reasons(values[2 * n : 3 * n])
+                self._pass_drains(values[3 * n : 4 * n])
+                if self._abort_sent.is_set() and values[-1] >= n - len(self._done):
+                    self._abort_acked.set()
             except Exception as exc:  # noqa: BLE001 - an unreachable store = no fresh reading
                 if not warned:
                     log.warning("heartbeat store unreachable (%s): the judge decides by time", exc)
                     warned = True
             else:
-                n = len(self.watched)
                 with self._lock:
                     self._read_at = time.monotonic()
                     self._beats = dict(zip(self.watched, values[:n], strict=True))
-                    self._done = {r for r, d in zip(self.watched, values[n:], strict=True) if d > 0}
-            self._stop.wait(self.interval_s)
+                    self._done = {r for r, d in zip(self.watched, values[n : 2 * n], strict=True) if d > 0}
+                    self._aborts = aborts
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
         if self._mark_done:
             try:
                 self._store.add(self._key("done", self.launch.rank), 1)
             except Exception as exc:  # noqa: BLE001 - rank0's store may already be gone
                 log.debug("could not mark done: %s", exc)
+
+    def _send_drain(self) -> None:
+        if self._drain_reason and self._drain_reason != "sent":
+            assert self._store is not None
+            self._store.set(self._key("drain_reason", self.launch.rank), self._drain_reason)
+            self._store.add(self._key("drain", self.launch.rank), 1)
+            self._drain_reason = "sent"
+
+    def _pass_drains(self, flags: list[int]) -> None:
+        for peer, flag in zip(self.watched, flags, strict=True):
+            if flag > 0 and peer not in self._drains_seen and self.on_drain is not None:
+                assert self._store is not None
+                why = self._store.get(self._key("drain_reason", peer)).decode("utf-8", "replace")
+                self._drains_seen.add(peer)
+                log.warning("rank %d asks for a drain (%s)", peer, why)
+                self.on_drain(f"{why} on rank {peer}")
+
+    def _send_abort(self) -> None:
+        if self._abort_reason and not self._abort_sent.is_set():
+            assert self._store is not None
+            self._store.set(self._key("reason", self.launch.rank), self._abort_reason)
+            self._store.add(self._key("abort", self.launch.rank), 1)  # after the reason: never read half
+            self._abort_sent.set()
+
+    def _abort_reasons(self, flags: list[int]) -> dict[int, str]:
+        out = dict(self._aborts)
+        for peer, flag in zip(self.watched, flags, strict=True):
+            if flag > 0 and peer not in out:
+                assert self._store is not None
+                out[peer] = self._store.get(self._key("reason", peer)).decode("utf-8", "replace")
+                self._store.add(self._key("ack", peer), 1)  # the announcer may now let its store go
+        return out
 
     # ---- judge thread: decides on its own clock -------------------------------------------
 
@@ -209,6 +306,13 @@ class Watchdog:
             tick = now
             with self._lock:
                 read_at, beats, done = self._read_at, dict(self._beats), set(self._done)
+                aborts = dict(self._aborts)
+            if self._abort_reason:
+                return  # this rank is failing and told its peers: their leaving is no verdict
+            if aborts:
+                peer = min(aborts)
+                self._declare(EXIT_PEER_ABORT, f"rank {peer} aborted: {aborts[peer]}")
+                return
             for peer in self.watched:
                 if peer in done:
                     self.ended.add(peer)

@@ -51,6 +51,7 @@ def run_pp(
             f"pp needs at least 2 ranks (rank0 + a mesh), got {launch.world_size} [field=nproc]"
         )
     with rank_session(cfg, launch, topology="pp") as session:
+        session.wire_drain(stop)
         session.flight.record({"name": "role", "detail": _role(launch.rank)})
         handshake(
             _pp_parity_items(session.run, session.groups), session.groups.world, allowed="world", log=log
@@ -143,9 +144,9 @@ def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> Ru
         mesh_knows = (
             isinstance(exc, PeerAbort | TransportError | DriftError | ParityError) or link.failed is not None
         )
-        terminal = (
-            None if mesh_knows else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
-        )
+        # out of band first (a mesh inside a collective); the ERROR envelope if the store failed
+        told = mesh_knows or session.abort_peers(exc)
+        terminal = None if told else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
         session.destroy_groups = link.close(terminal) and not link.poisoned
         raise
     session.destroy_groups = link.close(

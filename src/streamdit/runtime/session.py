@@ -23,14 +23,14 @@ from pathlib import Path
 import torch
 
 from streamdit.config import LaunchEnv, RunConfig
-from streamdit.errors import OrphanedError, PeerLost
+from streamdit.errors import OrphanedError, PeerAbort, PeerLost
 from streamdit.parallel.collectives import all_gather_bytes, gather_at_startup
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.runtime.build import ValidatedRun, validate_run
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.flight import FlightRecorder
 from streamdit.runtime.inspect import rotate_record
-from streamdit.runtime.liveness import Watchdog, exit_on_verdict, transport_like
+from streamdit.runtime.liveness import StopFlag, Watchdog, exit_on_verdict, transport_like
 from streamdit.runtime.output import OutputGuard
 
 log = logging.getLogger(__name__)
@@ -82,13 +82,30 @@ class RankSession:
             self.run.cfg.watchdog_window_s + 2 * self.watchdog.interval_s
         )
 
+    def wire_drain(self, stop: StopFlag) -> None:
+        """A drain request on any rank drains the job: a worker's goes to rank0 through the
+        store, and rank0 drains as for its own signal (SHUTDOWN to every peer, all exit 0)."""
+        if self.launch.rank == 0:
+            self.watchdog.on_drain = lambda why: None if stop.requested else stop.request(why)
+        else:
+            stop.forward(self.watchdog.request_drain)
+
+    def abort_peers(self, exc: BaseException) -> bool:
+        """This rank is failing on its own: tell every peer now, out of band (the watchdog's
+        store), so a peer blocked in a collective with it exits 5 naming this rank and the
+        error instead of waiting out --dist-timeout. Idempotent; never for a follower's error
+        (a peer's abort, a silent peer: those peers already know). True once it is in the store."""
+        if isinstance(exc, PeerAbort | OrphanedError | PeerLost) or self.peer_went_silent(exc):
+            return False  # a peer's failure (its verdict normally ended this process already)
+        return self.watchdog.announce_abort(f"{type(exc).__name__}: {exc}")
+
     def _poison_exit(self, code: int) -> None:
         """A send failed after its commitment point. When the transfer failed because a watched
         peer died, the watchdog's verdict is the truer exit (orphan / peer lost) and ends the
         process itself; otherwise flight record, then the poison code."""
         exc = sys.exc_info()[1]
         if exc is not None:
-            self.peer_went_silent(exc)
+            self.abort_peers(exc)
         self.flight.exit_after_dump(self.flight_path)(code)
 
 
@@ -135,6 +152,8 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
         if session.peer_went_silent(exc):
             lost = OrphanedError if watchdog.verdict_message.startswith("orphaned") else PeerLost
             cause = lost(watchdog.verdict_message)
+        else:
+            session.abort_peers(exc)
         # The first failing rank is told from the ranks that merely followed by these records.
         flight.record({"name": "fatal", "detail": f"{type(cause).__name__}: {str(cause)[:500]}"})
         log.error("flight record: %s", flight.dump(flight_path))

@@ -36,10 +36,9 @@ from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
-from streamdit.runtime.output import OutputGuard
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs
-from streamdit.runtime.session import liveness_of, rank_session
+from streamdit.runtime.session import RankSession, liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
 
 log = logging.getLogger(__name__)
@@ -51,6 +50,7 @@ def run_tp(
 ) -> RunSummary | None:
     """One rank of a TP job; returns rank0's summary, None on workers. `live`: rank0 of serve."""
     with rank_session(cfg, launch, topology="tp") as session:
+        session.wire_drain(stop)
         run, groups, faults = session.run, session.groups, session.faults
         assert groups.tp is not None
         handshake(parity_items(run, groups), groups.world, allowed="world", log=log)
@@ -77,7 +77,7 @@ def run_tp(
         if launch.rank == 0:
             if live is not None:
                 live.liveness = liveness_of(session)
-            summary = _rank0(run, phase_b, channel, faults, stop, session.guard, live)
+            summary = _rank0(run, phase_b, channel, faults, stop, session, live)
         else:
             phase_b.serve(channel.recv, source="rank0")
         session.done = True
@@ -123,7 +123,7 @@ def _rank0(
     channel: BroadcastChannel,
     faults: FaultPlan,
     stop: StopFlag,
-    guard: OutputGuard,
+    session: RankSession,
     live: LiveStream | None,
 ) -> RunSummary:
     stage0, chunks = build_stage0(run, live)
@@ -146,7 +146,7 @@ def _rank0(
             faults=faults,
             stop=stop,
             publish=publish,
-            guard=guard,
+            guard=session.guard,
             live=live,
             keepalive=keepalive,
         )
@@ -154,7 +154,9 @@ def _rank0(
         # A digest or parity mismatch was found by a collective comparison: every rank raised it
         # at the same point and is leaving, so there is nobody to tell. Anything else is rank0's
         # alone: tell the workers, or they would wait out the process-group timeout.
-        if not isinstance(exc, DriftError | ParityError):
+        # out of band first (workers inside a collective with rank0 would never see an ERROR
+        # envelope); the envelope only when the store could not take it
+        if not isinstance(exc, DriftError | ParityError) and not session.abort_peers(exc):
             _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, type(exc).__name__)
         raise
     _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
