@@ -9,10 +9,15 @@ returns one `RankOutcome` per rank. Design (after PyTorch's MultiProcessTestCase
 - One pipe per rank carries back a JSON outcome (no pickle of results): exception type name,
   message, traceback, the function's JSON-able return value. A rank that raises exits with the
   exception's `exit_code` attribute if it has one (streamdit errors do), else 1.
+- A ready handshake: each rank says "ready" over its pipe once its imports are done (torch alone
+  takes seconds on a loaded 2-core machine), and `timeout_s` counts from the moment every rank
+  was ready, so a test's clock never includes start-up. Start-up itself is bounded apart
+  (`startup_s`, generous): a rank that never gets ready is a timeout too.
 - A hard wall-clock limit per call. On timeout the parent asks every live rank for a faulthandler
   stack dump (SIGUSR1), then kills its whole process group (each rank is a group leader), and
   marks it `timed_out`. Every child is killed on any exit path of the parent (`finally`).
-- Exit times are the parent's `time.monotonic()` when it saw the rank exit. On Linux the monotonic
+- Exit times are the parent's `time.monotonic()` when it saw the rank exit; `seconds` counts from
+  the moment every rank was ready (from the spawn if some never were). On Linux the monotonic
   clock is system-wide, so tests compare them with `t_mono` of events recorded inside the ranks
   (e.g. a flight record dumped to `ctx.flight_path`) to bound "the peer exited within N s of the
   fault".
@@ -55,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 _STACK_GRACE_S = 1.0  # time a hung rank gets to write its faulthandler dump before SIGKILL
+STARTUP_S = 120.0  # spawn to "ready" (imports) on a loaded machine: bounded apart from the test
 
 
 @dataclass(frozen=True)
@@ -84,13 +90,14 @@ class RankOutcome:
     exc_type: str | None = None
     message: str | None = None
     traceback: str | None = None
-    seconds: float | None = None  # parent-observed, from spawn to exit
+    seconds: float | None = None  # parent-observed, from "every rank ready" to exit
     exited_at: float | None = None  # parent time.monotonic() at exit (comparable with rank t_mono)
     result: Any = None
     timed_out: bool = False
     stacks: str = ""
     flight: dict[str, Any] | None = None
     reported: bool = field(default=False, repr=False)  # the rank sent an outcome over its pipe
+    ready_at: float | None = field(default=None, repr=False)  # parent monotonic time of "ready"
 
     def summary(self) -> str:
         head = f"rank{self.rank}: exit={self.exitcode} timed_out={self.timed_out} t={self.seconds}"
@@ -125,8 +132,10 @@ def run_ranks(
     args: Sequence[Any] = (),
     env: Mapping[str, str] | None = None,
     pg_timeout_s: float = 5.0,
+    startup_s: float = STARTUP_S,
 ) -> list[RankOutcome]:
-    """Run `fn(ctx, *args)` on `world_size` spawned ranks; returns within about timeout_s + 2 s."""
+    """Run `fn(ctx, *args)` on `world_size` spawned ranks; returns within about startup +
+    timeout_s + 2 s (`timeout_s` counted once every rank is ready)."""
     spawn = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="streamdit-ranks-") as workdir:
         init_file = os.path.join(workdir, "filestore")
@@ -147,7 +156,7 @@ def run_ranks(
                 send_end.close()
                 procs.append(proc)
                 conns.append(recv_end)
-            outcomes = _collect(procs, conns, start, start + timeout_s)
+            outcomes = _collect(procs, conns, start, timeout_s, start + startup_s)
         finally:
             for proc in procs:
                 _kill_tree(proc)
@@ -156,10 +165,16 @@ def run_ranks(
         return outcomes
 
 
-def _collect(procs: list[Any], conns: list[Connection], start: float, deadline: float) -> list[RankOutcome]:
+def _collect(
+    procs: list[Any], conns: list[Connection], start: float, timeout_s: float, startup_deadline: float
+) -> list[RankOutcome]:
     outcomes = [RankOutcome(rank=r, exitcode=None) for r in range(len(procs))]
     open_conns = dict(enumerate(conns))
+    deadline, clock_started = startup_deadline, False
     while any(o.exited_at is None for o in outcomes):
+        if not clock_started and all(o.ready_at or o.exited_at for o in outcomes):
+            start = max(o.ready_at or o.exited_at or start for o in outcomes)  # the test's clock
+            deadline, clock_started = start + timeout_s, True
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             _time_out(procs, outcomes, start)
@@ -186,6 +201,9 @@ def _drain(open_conns: dict[int, Connection], outcomes: list[RankOutcome]) -> No
             while conn.poll(0):
                 report = json.loads(conn.recv_bytes())
                 o = outcomes[rank]
+                if report.get("ready"):
+                    o.ready_at = time.monotonic()
+                    continue
                 o.exc_type, o.message, o.traceback = (
                     report["exc_type"],
                     report["message"],
@@ -248,6 +266,7 @@ def _child(
     torch.set_num_threads(1)  # 2-core CI shared with other runs
     report: dict[str, Any] = {"exc_type": None, "message": None, "traceback": None, "result": None}
     code = 0
+    conn.send_bytes(b'{"ready": true}')  # imports done: the test's clock may start
     try:
         report["result"] = fn(ctx, *args)
     except BaseException as exc:  # report every way a rank can end, including SystemExit

@@ -449,6 +449,12 @@ def cuda_loading_defaults(topology: str) -> dict[str, str]:
     return {"CUDA_MODULE_LOADING": "EAGER"}
 
 
+def loopback_socket_defaults() -> dict[str, str]:
+    """gloo's and NCCL's sockets on loopback for a one-host job (MASTER_ADDR is loopback),
+    unless the user chose interfaces: nothing of a local job listens on other interfaces."""
+    return {k: "lo" for k in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME") if k not in os.environ}
+
+
 def cpu_thread_defaults(nproc: int) -> dict[str, str]:
     """OMP_NUM_THREADS for `nproc` local ranks (as torchrun does), unless the user set it.
 

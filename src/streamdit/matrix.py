@@ -293,6 +293,16 @@ ROWS: tuple[Row, ...] = (
         ranks=3,
     ),
     Row(
+        "S-never-started",
+        "a rank that never starts: named (exit 6) within --startup-timeout, flight record, inspect",
+        (f"{LIVE}::test_a_rank_that_never_starts_is_named_within_the_startup_bound",),
+    ),
+    Row(
+        "S-skew",
+        "startup skew beyond --dist-timeout but within --startup-timeout: the job runs",
+        (f"{LIVE}::test_startup_skew_is_bounded_by_the_startup_timeout_not_the_dist_timeout",),
+    ),
+    Row(
         "I-records",
         "inspect: an earlier job's records ignored, rotated at start; torn / absurd records reported",
         ("tests/unit/test_inspect.py",),

@@ -285,3 +285,48 @@ def test_a_local_failure_inside_phase_b_reaches_every_peer_at_once(
         [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
     )
     assert f"first failing: rank {crashing}: InjectedFault" in proc.stdout, proc.stdout
+
+
+def test_a_rank_that_never_starts_is_named_within_the_startup_bound(tmp_path: Path) -> None:
+    """Only rank0 of a world of 2 starts (rank 1 never does): rank0 exits 6 naming rank 1 after
+    --startup-timeout (5 s), not a raw store error after the default bounds; it leaves a flight
+    record, and `inspect` names rank 1 as missing. A worker without a rank0 says so too."""
+    flags = [*FLAGS, "--startup-timeout", "5"]
+    t0 = time.monotonic()
+    procs = start_ranks([flags, flags], out_dir=tmp_path)
+    os.killpg(procs[1].pid, signal.SIGKILL)  # rank 1 "never starts"
+    rank0 = collect(procs, t0)[0]
+    assert rank0.code == 6, rank0.log[-3000:]
+    assert "ranks [1] did not reach the rendezvous" in rank0.log and "Traceback" not in rank0.log, rank0.log[-3000:]
+    assert rank0.seconds < 5 + 25, "start-up (imports) + the 5 s bound"
+    assert (tmp_path / "flight" / "rank0.json").exists()
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+    )
+    assert re.search(r"^\s+1\s+missing", proc.stdout, re.M), proc.stdout
+
+    t0 = time.monotonic()
+    alone = start_ranks([flags, flags], out_dir=tmp_path / "alone")
+    os.killpg(alone[0].pid, signal.SIGKILL)  # no rank0: no store to reach
+    worker = collect(alone, t0)[1]
+    assert worker.code == 6 and "no rendezvous store at 127.0.0.1:" in worker.log, worker.log[-3000:]
+
+
+def test_startup_skew_is_bounded_by_the_startup_timeout_not_the_dist_timeout(tmp_path: Path) -> None:
+    """rank 1 starts 8 s after rank0 with --dist-timeout 3: the rendezvous waits (bound
+    --startup-timeout 40), and the job runs to the end."""
+    metrics = tmp_path / "m.jsonl"
+    flags = ["--dist-timeout", "3", "--startup-timeout", "40", "--metrics", str(metrics)]
+    t0 = time.monotonic()
+    port = free_port()
+    first = start_ranks([flags, flags], out_dir=tmp_path, port=port)
+    os.killpg(first[1].pid, signal.SIGKILL)  # replaced by a late start of rank 1
+    time.sleep(8)
+    assert first[0].poll() is None, first[0].communicate()[0][-3000:]
+    late = start_ranks([flags, flags], out_dir=tmp_path, port=port)
+    os.killpg(late[0].pid, signal.SIGKILL)  # only its rank 1 joins the waiting rank0
+    outcomes = collect([first[0], late[1]], t0)
+    collect([first[1], late[0]], t0)
+    for o in outcomes:
+        assert o.code == 0, f"exited {o.code}:\n{o.log[-3000:]}"
+    assert len(metrics.read_text().splitlines()) == 3

@@ -10,15 +10,18 @@ Imports torch, streamdit.config and streamdit.errors only.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from streamdit.config import LaunchEnv, apply_environment, nccl_environment_defaults
-from streamdit.errors import ConfigError
+from streamdit.config import LaunchEnv, apply_environment, loopback_socket_defaults, nccl_environment_defaults
+from streamdit.errors import ConfigError, PeerLost
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +93,12 @@ def init_groups(
             log.info("NCCL environment set: %s", ", ".join(changed))
         torch.cuda.set_device(device)
     timeout = timedelta(seconds=timeout_s)
+    if is_loopback(launch.master_addr):  # one host: nothing listens beyond loopback
+        apply_environment(loopback_socket_defaults())
+    store = rendezvous(launch, bound_s=max(startup_timeout_s or 0.0, timeout_s))
     dist.init_process_group(
         backend,
-        init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+        store=store,
         rank=launch.rank,
         world_size=launch.world_size,
         timeout=timeout,
@@ -119,6 +125,78 @@ def init_groups(
     tp = _subgroup("tp", everyone, launch.rank, timeout, backend, device)
     assert tp is not None
     return Groups(world, tp, backend, device, launch.rank, launch.world_size, startup)
+
+
+def rendezvous(launch: LaunchEnv, *, bound_s: float) -> dist.Store:
+    """The job's rendezvous store, once every rank has arrived (bounded by `bound_s`, the
+    startup timeout: ranks start with any skew up to it, however short --dist-timeout is).
+
+    rank0 hosts the TCPStore (unless the launcher's agent does); for a loopback MASTER_ADDR it
+    listens on loopback only (a socket bound here, handed to the store), not on every
+    interface. A rank that does not come raises `PeerLost` naming the missing ranks, the
+    address and the bound, on every rank that did, instead of a raw store error.
+    """
+    timeout = timedelta(seconds=bound_s)
+    where = f"{launch.master_addr}:{launch.master_port}"
+    t0 = time.monotonic()
+    try:
+        if launch.rank == 0 and not launch.agent_store:
+            fd = _loopback_listener(launch.master_port) if is_loopback(launch.master_addr) else None
+            store = dist.TCPStore(
+                launch.master_addr,
+                launch.master_port,
+                launch.world_size,
+                True,
+                timeout,
+                wait_for_workers=False,
+                master_listen_fd=fd,
+                use_libuv=fd is None,
+            )
+        else:
+            store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, False, timeout)
+    except (RuntimeError, OSError) as exc:  # DistStoreError / DistNetworkError: no store there
+        raise PeerLost(
+            f"rank {launch.rank}: no rendezvous store at {where} after {time.monotonic() - t0:.1f} s "
+            f"(rank0 did not start within --startup-timeout {bound_s:g} s, or the address is wrong): "
+            f"{_first_line(exc)}"
+        ) from exc
+    store.set(f"{_ARRIVED}/{launch.rank}", "1")
+    arrived = store.add(_ARRIVED, 1)  # once per rank
+    while arrived < launch.world_size:
+        if time.monotonic() > t0 + bound_s:
+            missing = [r for r in range(launch.world_size) if not store.check([f"{_ARRIVED}/{r}"])]
+            raise PeerLost(
+                f"rank {launch.rank}: ranks {missing} did not reach the rendezvous at {where} within "
+                f"--startup-timeout {bound_s:g} s (never started, or crashed while starting)"
+            )
+        time.sleep(0.05)
+        arrived = store.add(_ARRIVED, 0)
+    return store
+
+
+_ARRIVED = "streamdit/rendezvous/arrived"
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _loopback_listener(port: int) -> int:
+    """A listening socket on 127.0.0.1:port; its fd is handed over to the TCPStore (detached:
+    Python must never close it under the store's running server)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(1024)
+    return sock.detach()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _subgroup(

@@ -119,15 +119,21 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
     flight = FlightRecorder(label=f"rank{launch.rank}")
     flight_path = cfg.out.parent / "flight" / f"rank{launch.rank}.json"
     rotate_record(flight_path)  # an earlier job's record must not be read as this job's
-    groups = init_groups(
-        launch,
-        device=run.device,
-        timeout_s=cfg.dist_timeout_s,
-        topology=topology,
-        startup_timeout_s=cfg.startup_timeout_s,
-    )
-    run_id = agree_run_id(groups, bound_s=cfg.startup_timeout_s)
-    flight.run_id = run_id
+    flight.record({"name": "start", "detail": f"topology={topology} world_size={launch.world_size}"})
+    try:
+        groups = init_groups(
+            launch,
+            device=run.device,
+            timeout_s=cfg.dist_timeout_s,
+            topology=topology,
+            startup_timeout_s=cfg.startup_timeout_s,
+        )
+        run_id = agree_run_id(groups, bound_s=cfg.startup_timeout_s)
+        flight.run_id = run_id
+    except BaseException as exc:  # a peer that never came: this rank still leaves a record
+        flight.record({"name": "fatal", "detail": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        log.error("flight record: %s", flight.dump(flight_path))
+        raise
     guard = OutputGuard()
 
     def record_verdict(message: str) -> None:
@@ -142,9 +148,7 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
     )
     session = RankSession(run, launch, faults, flight, flight_path, groups, watchdog, guard)
     try:
-        flight.record(
-            {"name": "start", "detail": f"topology={topology} world_size={launch.world_size} run_id={run_id}"}
-        )
+        flight.record({"name": "run_id", "detail": run_id})
         watchdog.start()
         yield session
     except BaseException as exc:
