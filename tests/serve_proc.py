@@ -22,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from websockets.sync.client import ClientConnection, connect
 
 from ranks import env
 
-URL_RE = re.compile(r"streamdit serve: (http://\S+)")
+URL_RE = re.compile(r"streamdit serve: (http://\S+/)\?token=(\S+)")
 TINY = ["--height", "64", "--width", "96", "--no-progress"]
 
 
@@ -39,16 +40,18 @@ class ServeProcess:
             cmd, cwd=tmp, env=env(PYTHONUNBUFFERED="1"), stdout=self._log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
-        self.url = self._await_url(start_timeout)
-        self.http = httpx.Client(base_url=self.url, timeout=10.0)
+        self.url, self.token = self._await_url(start_timeout)
+        self.page_url = f"{self.url}?token={self.token}"  # what a person opens: sets the cookie
+        self.auth = {"Authorization": f"Bearer {self.token}"}
+        self.http = httpx.Client(base_url=self.url, timeout=10.0, headers=self.auth)
         self.code: int | None = None
 
-    def _await_url(self, timeout: float) -> str:
+    def _await_url(self, timeout: float) -> tuple[str, str]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = URL_RE.search(self.log_path.read_text())
             if match:
-                return match.group(1)
+                return match.group(1), match.group(2)
             if self.proc.poll() is not None:
                 raise AssertionError(f"serve exited {self.proc.returncode} before listening:\n{self.log()}")
             time.sleep(0.05)
@@ -65,6 +68,7 @@ class ServeProcess:
     def post(self, path: str, body: object = None, **kw: object) -> httpx.Response:
         if body is None:
             return self.http.post(path, **kw)
+        kw.setdefault("headers", {"Content-Type": "application/json"})
         return self.http.post(path, content=body if isinstance(body, bytes | str) else json.dumps(body), **kw)
 
     def wait_for(self, pred: Callable[[dict], bool], what: str, timeout: float = 60.0) -> dict:
@@ -90,6 +94,10 @@ class ServeProcess:
             raise AssertionError(f"serve did not exit within {timeout} s after stop:\n{self.log()}") from None
         return self.code
 
+    def ws_connect(self, **kw: object) -> ClientConnection:
+        """The frame WebSocket, authorized with the run's token."""
+        return connect(self.url.replace("http", "ws") + "frames", additional_headers=self.auth, **kw)
+
     def __enter__(self) -> ServeProcess:
         return self
 
@@ -104,7 +112,7 @@ class ServeProcess:
             self._log.close()
 
 
-def raw_ws_connect(url: str, path: str = "/frames", rcvbuf: int = 4096) -> socket.socket:
+def raw_ws_connect(url: str, token: str, path: str = "/frames", rcvbuf: int = 4096) -> socket.socket:
     """A WebSocket client that does the handshake and then never reads (a stalled viewer)."""
     host, port = url.removeprefix("http://").rstrip("/").split(":")
     sock = socket.socket()
@@ -114,7 +122,8 @@ def raw_ws_connect(url: str, path: str = "/frames", rcvbuf: int = 4096) -> socke
     sock.sendall(
         (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"Authorization: Bearer {token}\r\n\r\n"
         ).encode()
     )
     head = b""

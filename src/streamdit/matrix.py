@@ -303,6 +303,18 @@ ROWS: tuple[Row, ...] = (
         (f"{LIVE}::test_startup_skew_is_bounded_by_the_startup_timeout_not_the_dist_timeout",),
     ),
     Row(
+        "V-access",
+        "serve: token, Origin, Host, JSON-only, limits, idempotent stop",
+        ("tests/serve/test_serve_security.py",),
+        nccl=False,
+    ),
+    Row(
+        "V-csrf",
+        "serve in Chromium: a page of another origin cannot steer the stream",
+        ("tests/serve/test_serve_browser.py::test_a_page_of_another_origin_cannot_steer_the_stream",),
+        nccl=False,
+    ),
+    Row(
         "I-records",
         "inspect: an earlier job's records ignored, rotated at start; torn / absurd records reported",
         ("tests/unit/test_inspect.py",),

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from websockets.sync.client import connect
 
 from serve_proc import ServeProcess, raw_ws_connect
 
@@ -102,7 +101,7 @@ def test_pause_holds_the_stream_and_start_resumes_it(server: ServeProcess) -> No
 
 def test_frames_arrive_as_jpeg_and_change(server: ServeProcess) -> None:
     frames = []
-    with connect(server.url.replace("http", "ws") + "frames") as ws:
+    with server.ws_connect() as ws:
         hello = json.loads(ws.recv(timeout=30))  # the client's id, to find itself in /status
         assert hello["client"] in {c["id"] for c in server.status()["clients"]}
         while len(frames) < 30:
@@ -114,28 +113,24 @@ def test_frames_arrive_as_jpeg_and_change(server: ServeProcess) -> None:
 
 
 def test_a_viewer_that_vanishes_costs_nothing(server: ServeProcess) -> None:
-    sock = raw_ws_connect(server.url)
+    sock = raw_ws_connect(server.url, server.token)
     server.wait_for(lambda s: len(s["clients"]) == 1, "the client registered")
     sock.close()  # no close handshake: the TCP connection just goes away
     server.wait_for(lambda s: len(s["clients"]) == 0, "the client removed")
     _advancing(server)
 
 
-def _chunks_per_s(server: ServeProcess, seconds: float) -> float:
-    a, t0 = server.status()["chunk_index"], time.monotonic()
-    time.sleep(seconds)
-    return (server.status()["chunk_index"] - a) / (time.monotonic() - t0)
-
-
 def test_a_viewer_that_reads_nothing_loses_frames_itself_and_generation_keeps_pace(
     server: ServeProcess,
 ) -> None:
-    baseline = _chunks_per_s(server, 4.0)
-    stalled = raw_ws_connect(server.url)  # handshake, then never a read and never an ack
+    """Counted, not timed (load-insensitive): once the stalled viewer's window is full and it
+    drops frames, generation must still advance 5 more chunks; a loop that waited for that
+    viewer would stand still (the wait is bounded by the test's own timeout)."""
+    stalled = raw_ws_connect(server.url, server.token)  # handshake, then never a read and never an ack
     got = []
 
     def reader() -> None:  # a healthy viewer beside it: reads and acknowledges every frame
-        with connect(server.url.replace("http", "ws") + "frames") as ws:
+        with server.ws_connect() as ws:
             while not done.is_set():
                 try:
                     msg = ws.recv(timeout=1)
@@ -149,18 +144,19 @@ def test_a_viewer_that_reads_nothing_loses_frames_itself_and_generation_keeps_pa
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
     try:
-        with_clients = _chunks_per_s(server, 4.0)
+        dropping = server.wait_for(
+            lambda s: any(c["dropped"] > 0 for c in s["clients"]), "a viewer dropping frames", timeout=90
+        )
+        start = dropping["chunk_index"]
+        server.wait_for(lambda s: s["chunk_index"] >= start + 5, "chunks past the stalled viewer", timeout=90)
         clients = {c["id"]: c for c in server.status()["clients"]}
     finally:
         done.set()
         thread.join(timeout=10)
         stalled.close()
-    print(json.dumps({"chunks_per_s_alone": baseline, "with_stalled_viewer": with_clients}))
     stalled_stats = min(clients.values(), key=lambda c: c["id"])
     assert stalled_stats["sent"] <= 24 and stalled_stats["dropped"] > 0, clients
     assert got, "the healthy viewer received nothing"
-    # a generation loop blocked on the stalled viewer would stop; noise on 2 cores stays well above
-    assert with_clients >= 0.6 * baseline, (baseline, with_clients)
 
 
 def test_stop_drains_and_exits_zero(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ def _frame_src(page: Page) -> str:
 
 def test_page_streams_frames_and_steers_the_stream(page: Page, tmp_path: Path) -> None:
     with ServeProcess(tmp_path) as server:
-        page.goto(server.url)
+        page.goto(server.page_url)
         page.wait_for_function(
             "Number(document.querySelector('#frame').dataset.shown || 0) >= 5", timeout=60_000
         )
@@ -81,3 +81,40 @@ def test_page_streams_frames_and_steers_the_stream(page: Page, tmp_path: Path) -
 
         page.click("#stop")
         assert server.stop() == 0, server.log()
+
+
+def test_a_page_of_another_origin_cannot_steer_the_stream(page: Page, tmp_path: Path) -> None:
+    """CSRF in a real browser: the operator opened the serve page (its cookie is set), then a
+    page from another origin (another port of 127.0.0.1: the same *site*, so SameSite alone
+    would not stop it) sends what a browser lets it send cross-origin: a no-cors text/plain
+    POST and a form POST. Neither reaches the stream: no prompt pending, state unchanged."""
+    import http.server
+    import threading
+
+    evil_dir = tmp_path / "evil"
+    evil_dir.mkdir()
+    with ServeProcess(tmp_path, "--start-paused") as server:
+        target = server.url
+        (evil_dir / "index.html").write_text(
+            f"""<html><body><form id="f" method="POST" action="{target}stop" enctype="text/plain">
+            <input name='{{"prompt": "pwned", "x": "' value='"}}'></form><script>
+            fetch("{target}prompt", {{method: "POST", mode: "no-cors", credentials: "include",
+                headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify({{prompt: "pwned"}})}})
+              .finally(() => {{ document.title = "sent"; }});
+            </script></body></html>"""
+        )
+        handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(evil_dir))  # noqa: E731
+        evil = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        try:
+            page.goto(server.page_url)  # the operator's session: cookie set
+            expect(page.locator("#frame")).to_be_attached(timeout=30_000)
+            page.goto(f"http://127.0.0.1:{evil.server_address[1]}/index.html")
+            page.wait_for_function("document.title === 'sent'", timeout=30_000)
+            page.evaluate("document.getElementById('f').submit()")
+            page.wait_for_load_state()
+            status = server.status()
+            assert status["pending_prompt"] is None and status["prompt"] != "pwned", status
+            assert status["state"] == "paused" and server.proc.poll() is None, status  # not stopped
+        finally:
+            evil.shutdown()

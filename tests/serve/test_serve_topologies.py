@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from websockets.sync.client import connect
 
 from serve_proc import ServeProcess
 
@@ -26,7 +25,7 @@ def test_serve_with_workers_steers_pauses_past_the_timeout_and_stops_cleanly(
     with ServeProcess(tmp_path, *args) as server:
         st = server.wait_for(lambda s: (s["chunk_index"] or 0) >= 2, "first chunks")
         assert [r["rank"] for r in st["ranks"]] == [0, 1] and all(r["state"] == "alive" for r in st["ranks"])
-        with connect(server.url.replace("http", "ws") + "frames") as ws:
+        with server.ws_connect() as ws:
             ws.recv(timeout=30)  # hello
             assert isinstance(ws.recv(timeout=30), bytes)
 

@@ -217,3 +217,12 @@ def test_sighup_drains_like_sigterm(tmp_path: Path, suffix: str) -> None:
     assert 3 <= len(rows) < 40 and [r["chunk_index"] for r in rows] == list(range(len(rows)))
     frames = np.load(out).shape[0] if suffix == "npy" else strict_frames(out)
     assert frames == sum(r["frames"] for r in rows)
+
+
+def test_metrics_memory_is_bounded_however_long_the_stream(tmp_path: Path) -> None:
+    metrics = MetricsWriter(None)  # serve without --metrics: memory only
+    for k in range(3 * MetricsWriter.KEPT_RECORDS):
+        metrics.write(_record(k, 12))
+    assert len(metrics.records) == MetricsWriter.KEPT_RECORDS
+    assert metrics.count == 3 * MetricsWriter.KEPT_RECORDS and metrics.frames == 12 * metrics.count
+    assert metrics.records[-1].chunk_index == metrics.count - 1

@@ -108,7 +108,7 @@ class StreamOutputs:
         self, stop: StopFlag, *, dropped_stale: int = 0, overlap_score: float | None = None
     ) -> RunSummary:
         return RunSummary(
-            chunks=len(self.metrics.records),
+            chunks=self.metrics.count,
             frames=self.writer.frames_written,
             out=None if isinstance(self.writer, NullWriter) else self.cfg.out,
             seconds=time.monotonic() - self.t_start,

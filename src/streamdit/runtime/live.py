@@ -152,7 +152,9 @@ class LiveStream:
             self._wake.notify_all()
 
     def request_stop(self, reason: str) -> None:
-        self.stop.request(reason)
+        """Drain the stream; idempotent (a second stop asks for what is already under way)."""
+        if not self.stop.requested:
+            self.stop.request(reason)
         with self._wake:
             self._wake.notify_all()
 

@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO
@@ -66,11 +67,18 @@ def overlap_score(records: list[ChunkMetrics], warmup: int = WARMUP_CHUNKS) -> f
 
 
 class MetricsWriter:
-    """JSON lines, one per chunk; None path = keep in memory only."""
+    """JSON lines, one per chunk; None path = keep in memory only.
+
+    Memory stays bounded however long the stream (serve runs for hours): `records` keeps the
+    last `KEPT_RECORDS` chunks (what summaries read), `count` and `frames` every chunk's."""
+
+    KEPT_RECORDS = 4096
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self.records: list[ChunkMetrics] = []
+        self.records: deque[ChunkMetrics] = deque(maxlen=self.KEPT_RECORDS)
+        self.count = 0
+        self.frames = 0
         self._fh: TextIO | None = None
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +86,8 @@ class MetricsWriter:
 
     def write(self, record: ChunkMetrics) -> None:
         self.records.append(record)
+        self.count += 1
+        self.frames += record.frames
         if self._fh is not None:
             self._fh.write(json.dumps(asdict(record), sort_keys=True) + "\n")
             self._fh.flush()

@@ -219,7 +219,7 @@ class OutputWorker:
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
-            written = f"{len(self.metrics.records)} chunks ({self._claimed_frames} frames) written and valid"
+            written = f"{self.metrics.count} chunks ({self._claimed_frames} frames) written and valid"
             raise OutputError(f"output: writing failed: {self._failure}; {written}") from self._failure
 
     def _run(self) -> None:

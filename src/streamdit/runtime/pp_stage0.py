@@ -242,6 +242,6 @@ def drive_pipelined(
                 break
             driver.step(k)
         driver.drain()
-    score = overlap_score(outputs.metrics.records)
+    score = overlap_score(list(outputs.metrics.records))
     log.info("pp: dropped_stale=%d overlap_score=%s", driver.dropped_stale, score)
     return outputs.summary(stop, dropped_stale=driver.dropped_stale, overlap_score=score)

@@ -17,7 +17,12 @@ event loop, bound before the stream starts so the page can show start-up). Route
 
 Bad input never reaches the stream: a body over 16 KiB is 413, malformed JSON or a non-object is
 400, an unknown key, an empty or over-long prompt or an unknown transition is 422; every error
-is `{"error": message}` naming the field.
+is `{"error": message}` naming the field. Before any route, `access.AccessMiddleware` checks
+the token, Host, Origin and content type. Limits: `MAX_CONNECTIONS` at once (uvicorn answers
+503 beyond, so idle or half-sent connections cannot exhaust the process's files), idle
+keep-alive connections closed after 5 s, WebSocket messages from a viewer (acknowledgements)
+at most 4 KiB, at most `MAX_VIEWERS` viewers (another is closed with 1013, try again later).
+`POST /stop` is idempotent.
 """
 
 from __future__ import annotations
@@ -32,19 +37,26 @@ from importlib.resources import files
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from streamdit.errors import ConfigError
 from streamdit.runtime.live import MAX_PROMPT_CHARS, STOP_OVER_HTTP, LiveStream
+from streamdit.serve.access import Access, AccessMiddleware
 from streamdit.serve.hub import Client, FrameHub
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
 PROMPT_KEYS = {"prompt", "transition"}
+MAX_CONNECTIONS = 64
+MAX_VIEWERS = 16
+MAX_WS_MESSAGE = 4096
+HEAD_TIMEOUT_S = 5.0
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -69,7 +81,7 @@ async def _read_json(request: Request) -> dict[str, object] | JSONResponse:
     return data
 
 
-def build_app(live: LiveStream, hub: FrameHub, *, height: int, width: int) -> Starlette:
+def build_app(live: LiveStream, hub: FrameHub, access: Access, *, height: int, width: int) -> Starlette:
     page = files("streamdit.serve").joinpath("page.html").read_text(encoding="utf-8")
     for key, value in {
         "FPS": hub.fps,
@@ -115,6 +127,9 @@ def build_app(live: LiveStream, hub: FrameHub, *, height: int, width: int) -> St
 
     async def frames(ws: WebSocket) -> None:
         await ws.accept()
+        if hub.viewers() >= MAX_VIEWERS:  # accepted, then closed: "try again later", not a 403
+            await ws.close(code=1013, reason=f"{MAX_VIEWERS} viewers already")
+            return
         client = hub.connect()
         try:
             await ws.send_text(json.dumps({"client": client.id}))  # finds itself in /status
@@ -131,7 +146,8 @@ def build_app(live: LiveStream, hub: FrameHub, *, height: int, width: int) -> St
             Route("/start", start, methods=["POST"]),
             Route("/stop", stop, methods=["POST"]),
             WebSocketRoute("/frames", frames),
-        ]
+        ],
+        middleware=[Middleware(AccessMiddleware, access=access)],
     )
 
 
@@ -161,6 +177,30 @@ async def _pump(ws: WebSocket, client: Client) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+class _BoundedH11(H11Protocol):
+    """uvicorn's h11 protocol, plus a deadline for each request head: a connection that has not
+    started a request within `HEAD_TIMEOUT_S` of opening (or of its last response) is closed,
+    so connections that never send, or send a head byte by byte, cannot pile up. A connection
+    upgraded to a WebSocket belongs to the WebSocket protocol and is left alone."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_head_deadline()
+
+    def _arm_head_deadline(self) -> None:
+        waiting_for = self.cycle
+        self.loop.call_later(HEAD_TIMEOUT_S, self._head_deadline, waiting_for)
+
+    def _head_deadline(self, waiting_for: object) -> None:
+        idle = self.cycle is waiting_for and self.transport.get_protocol() is self
+        if idle and not self.transport.is_closing():
+            self.transport.close()
+
+
 class ServerThread:
     """uvicorn on its own thread and event loop, serving `app` on host:port (0 = any free port)."""
 
@@ -171,7 +211,16 @@ class ServerThread:
         self.sock.bind((host, port))  # bound here: a taken port is a clear error before any model work
         self.host, self.port = host, self.sock.getsockname()[1]
         config = uvicorn.Config(
-            app, log_level="warning", lifespan="off", ws="websockets-sansio", timeout_graceful_shutdown=2
+            app,
+            log_level="warning",
+            lifespan="off",
+            ws="websockets-sansio",
+            timeout_graceful_shutdown=2,
+            http=_BoundedH11,
+            limit_concurrency=MAX_CONNECTIONS,
+            timeout_keep_alive=5,
+            ws_max_size=MAX_WS_MESSAGE,
+            h11_max_incomplete_event_size=MAX_BODY,
         )
         self.server = uvicorn.Server(config)
         self.error: BaseException | None = None

@@ -109,6 +109,10 @@ class FrameHub:
             self._clients[client.id] = client
         return client
 
+    def viewers(self) -> int:
+        with self._lock:
+            return len(self._clients)
+
     def disconnect(self, client: Client) -> None:
         with self._lock:
             self._clients.pop(client.id, None)

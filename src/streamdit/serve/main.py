@@ -18,6 +18,7 @@ from streamdit.runtime.build import live_prompt_check
 from streamdit.runtime.driver import RunSummary
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
+from streamdit.serve.access import Access
 from streamdit.serve.app import ServerThread, build_app
 from streamdit.serve.hub import FrameHub
 
@@ -49,14 +50,16 @@ def serve_rank0(
     )
     hub = FrameHub(cfg.fps)
     live.sinks.append(hub.publish)
+    access = Access(bind_host=host, port=port)
     try:
         server = ServerThread(
-            build_app(live, hub, height=cfg.height, width=cfg.width), hub, host=host, port=port
+            build_app(live, hub, access, height=cfg.height, width=cfg.width), hub, host=host, port=port
         )
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror} [field=port]") from exc
+    access.port = server.port  # port 0: the one the kernel chose
     server.start()
-    print(f"streamdit serve: {server.url}", file=sys.stderr, flush=True)
+    print(f"streamdit serve: {server.url}?token={access.token}", file=sys.stderr, flush=True)
     try:
         return run(live)
     except BaseException as exc:
