@@ -55,11 +55,13 @@ def time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
 
 
 KERNEL_KINDS = (
-    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "_mm_", "sm90_")),
-    ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("triton (fused pointwise / reductions)", ("triton_",)),
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
 )
-"""Kernel name fragments per kind, first match wins (cuBLAS, cuDNN/flash, inductor)."""
+"""Kernel name fragments per kind, first match wins: inductor's kernels first (their names
+quote the ops they fused, `_scaled_mm` or `cudnn_attention` included), then cuDNN / flash
+attention, then cuBLAS / CUTLASS matmuls."""
 
 
 def _kind(name: str) -> str:

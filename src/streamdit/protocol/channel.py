@@ -32,10 +32,10 @@ Sender states (`send`)::
                  | ids, manifest), event "commit"                |
     HEADER_SENT  | control frame transferred: the peer is now    | POISON: log, event "poisoned",
                  | blocked. Fault point "after_header"           | exit(EXIT_POISONED). Never
-    META_SENT    | separate meta transferred if any (event       | continue half-sent.
-                 | "meta_sent" either way). Fault "after_meta"   |
-    PAYLOAD      | fault "before_payload" (only when a payload   |
-                 | follows), then the one payload transfer       |
+    META_SENT    | separate meta transferred if any (event       | continue half-sent. (An ERROR,
+                 | "meta_sent" either way). Fault "after_meta"   | a failing sender's last word:
+    PAYLOAD      | fault "before_payload" (only when a payload   | raise Poisoned, no exit: the
+                 | follows), then the one payload transfer       | sender keeps its own code.)
     SENT         | event "message_sent"                          |
 
 Receiver states (`recv`)::
@@ -91,7 +91,7 @@ from streamdit.protocol.framing import (
     parse_header,
     payload_layout,
 )
-from streamdit.protocol.header import Header, IdTracker, Kind
+from streamdit.protocol.header import Action, Header, IdTracker, Kind
 from streamdit.protocol.messages import MESSAGE_TYPES, Message
 from streamdit.protocol.preflight import Prepared, prepare
 
@@ -207,8 +207,11 @@ class _Channel:
         log.debug("poisoned send", exc_info=exc)
         self._broken = "poisoned"
         self._emit("poisoned", h, detail=f"{type(exc).__name__}: {exc}")
-        self._exit_fn(EXIT_POISONED)
-        raise Poisoned(text) from exc  # reached only when exit_fn returns (unit tests)
+        if h.action is not Action.ERROR:
+            self._exit_fn(EXIT_POISONED)
+        # an ERROR is the sender's last word (it is failing already, with its own error and
+        # code): the channel is broken, and the caller exits with that error instead
+        raise Poisoned(text) from exc  # reached only when exit_fn returns (unit tests) or for ERROR
 
     # ---- receive ------------------------------------------------------------------------------
 

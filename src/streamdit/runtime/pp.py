@@ -144,9 +144,11 @@ def _stage0(session: RankSession, stop: StopFlag, live: LiveStream | None) -> Ru
         mesh_knows = (
             isinstance(exc, PeerAbort | TransportError | DriftError | ParityError) or link.failed is not None
         )
-        # out of band first (a mesh inside a collective); the ERROR envelope if the store failed
-        told = mesh_knows or session.abort_peers(exc)
-        terminal = None if told else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
+        if not mesh_knows:
+            session.abort_peers(exc)  # out of band first: a mesh inside a collective
+        terminal = (
+            None if mesh_knows else _terminal(stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, exc)
+        )
         session.destroy_groups = link.close(terminal) and not link.poisoned
         raise
     session.destroy_groups = link.close(

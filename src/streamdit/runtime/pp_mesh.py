@@ -122,6 +122,7 @@ class MeshLeader:
                 PPEnvelopeV1(action=Action.ERROR, call_id=call_id, cache_epoch=epoch, reason=reason)
             )
             self._tell_rank0(exc, _after(self.last_result))
+            exc.peers_told = True  # type: ignore[attr-defined] - told in band: no announcement
             raise
         assert isinstance(msg, PPEnvelopeV1)
         return msg

@@ -95,8 +95,9 @@ class RankSession:
         store), so a peer blocked in a collective with it exits 5 naming this rank and the
         error instead of waiting out --dist-timeout. Idempotent; never for a follower's error
         (a peer's abort, a silent peer: those peers already know). True once it is in the store."""
-        if isinstance(exc, PeerAbort | OrphanedError | PeerLost) or self.peer_went_silent(exc):
-            return False  # a peer's failure (its verdict normally ended this process already)
+        told = getattr(exc, "peers_told", False)  # every peer already got an ERROR in band
+        if told or isinstance(exc, PeerAbort | OrphanedError | PeerLost) or transport_like(exc):
+            return False  # a symptom of a peer's failure: the watchdog (or --dist-timeout) decides
         return self.watchdog.announce_abort(f"{type(exc).__name__}: {exc}")
 
     def _poison_exit(self, code: int) -> None:
@@ -104,7 +105,7 @@ class RankSession:
         peer died, the watchdog's verdict is the truer exit (orphan / peer lost) and ends the
         process itself; otherwise flight record, then the poison code."""
         exc = sys.exc_info()[1]
-        if exc is not None:
+        if exc is not None and not self.peer_went_silent(exc):
             self.abort_peers(exc)
         self.flight.exit_after_dump(self.flight_path)(code)
 

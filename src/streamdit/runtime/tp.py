@@ -154,9 +154,10 @@ def _rank0(
         # A digest or parity mismatch was found by a collective comparison: every rank raised it
         # at the same point and is leaving, so there is nobody to tell. Anything else is rank0's
         # alone: tell the workers, or they would wait out the process-group timeout.
-        # out of band first (workers inside a collective with rank0 would never see an ERROR
-        # envelope); the envelope only when the store could not take it
-        if not isinstance(exc, DriftError | ParityError) and not session.abort_peers(exc):
+        # Out of band first (workers inside a collective with rank0 never see an envelope),
+        # then in band (workers waiting for the next one): whichever reaches them, they exit 5.
+        if not isinstance(exc, DriftError | ParityError):
+            session.abort_peers(exc)
             _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.ERROR, type(exc).__name__)
         raise
     _terminal(channel, stage0.take_call_id(), stage0.cache_epoch, Action.SHUTDOWN, None)
