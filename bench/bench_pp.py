@@ -8,7 +8,7 @@ before `--skip` (compile warm-up, pipeline filling) are left out of the medians.
     python bench/bench_pp.py --out bench/results/pp0_wan14b_h200x2.json
 
 Reported per configuration: median period_ms, stage0_ms, stage1_ms, mesh_idle_ms, the
-OverlapScore of protocol.md §8 over the same chunks, FPS = pixel frames per median period,
+OverlapScore of docs/protocol.md §8 over the same chunks, FPS = pixel frames per median period,
 and the two targets of the PP issue at D=2 (period <= 1.05 x max(stage0, stage1), score >= 0.9).
 """
 

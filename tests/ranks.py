@@ -9,6 +9,7 @@ never leave a hung rank behind), `run_cli` (the `--nproc` form through torch's e
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,11 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from streamdit.runtime.launch import emulated_host_environment
+
 # `streamdit matrix --backend nccl` runs the same rows on GPUs (one per rank)
 BACKEND = os.environ.get("STREAMDIT_MATRIX_BACKEND", "gloo")
-# Every rank must be gone this long after its start (short PG timeouts below). On GPUs, CUDA and
-# NCCL start-up alone take 12-28 s per rank (2xH200), and up to 33 s when 3 ranks compile on one
-# GPU as emulated hosts (C-03/pp): the bound counts from process start, so it is start-up + 15 s.
+# Every rank must be gone this long after its ready line (imports done; short PG timeouts below).
+# On GPUs, CUDA and NCCL start-up alone take 12-28 s per rank (2xH200), and up to 33 s when 3
+# ranks compile on one GPU as emulated hosts (C-03/pp): start-up + 15 s.
 BOUND_S = 45.0 if BACKEND == "nccl" else 30.0
 GEOM = ["--height", "32", "--width", "48", *(["--device", "cuda"] if BACKEND == "nccl" else [])]
 # `--emulate-hosts`: each rank its own host with one GPU (GPU 0), NCCL over loopback sockets
@@ -35,19 +38,14 @@ LOG_DIR = os.environ.get("STREAMDIT_MATRIX_LOG_DIR")
 
 def host_env(rank: int) -> dict[str, str]:
     """LOCAL_RANK and, when hosts are emulated, the NCCL settings that make `rank` its own host."""
-    if not EMULATE_HOSTS:
-        return {"LOCAL_RANK": str(rank)}
-    return {
-        "LOCAL_RANK": "0",
-        "NCCL_HOSTID": f"streamdit-emulated-host-{rank}",
-        "NCCL_SOCKET_IFNAME": "lo",
-        "NCCL_IB_DISABLE": "1",
-    }
+    return emulated_host_environment(rank) if EMULATE_HOSTS else {"LOCAL_RANK": str(rank)}
 
 
 def env(**extra: str) -> dict[str, str]:
-    """This environment without STREAMDIT_TEST_* hooks, with src on PYTHONPATH, plus `extra`."""
+    """This environment without STREAMDIT_TEST_* hooks, with src on PYTHONPATH, plus `extra`;
+    every rank prints its ready line (`Outcome.since_ready`)."""
     out = {k: v for k, v in os.environ.items() if not k.startswith("STREAMDIT_TEST_")}
+    out["STREAMDIT_TEST_READY_LINE"] = "1"
     src = str(Path(__file__).resolve().parents[1] / "src")
     out["PYTHONPATH"] = src + os.pathsep + out.get("PYTHONPATH", "")
     out.update(extra)
@@ -86,8 +84,21 @@ def run_cli(args: list[str], *, hooks: dict[str, str] | None = None, cwd: Path, 
 class Outcome:
     rank: int
     code: int
-    seconds: float
+    seconds: float  # from the caller's t0 (the spawn) to the exit
     log: str
+    ready_at: float | None = None  # the rank's ready line (time.monotonic, as t0), if it printed one
+    exited_at: float = 0.0
+
+    @property
+    def since_ready(self) -> float:
+        """Seconds from the rank's ready line (imports done) to its exit: what a bound judges,
+        so a loaded machine's slow imports never count against it."""
+        return self.exited_at - (
+            self.ready_at if self.ready_at is not None else self.exited_at - self.seconds
+        )
+
+
+READY = re.compile(r"streamdit: ready rank=\d+ monotonic=([\d.]+)")
 
 
 def free_port() -> int:
@@ -169,7 +180,18 @@ def collect(procs: list[subprocess.Popen], t0: float, bound_s: float = BOUND_S +
                 os.killpg(p.pid, signal.SIGKILL)
                 out, _ = p.communicate()
                 out += "\n<killed by the harness: still running at the bound>"
-            outcomes.append(Outcome(rank, p.returncode, time.monotonic() - t0, out))
+            ready = READY.search(out)
+            now = time.monotonic()
+            outcomes.append(
+                Outcome(
+                    rank,
+                    p.returncode,
+                    now - t0,
+                    out,
+                    ready_at=float(ready.group(1)) if ready else None,
+                    exited_at=now,
+                )
+            )
     finally:
         for p in procs:
             if p.poll() is None:
@@ -200,7 +222,7 @@ def spawn_ranks(flags: list[list[str]], hooks: dict[str, str] | None = None, **k
 def all_failed_fast(outcomes: list[Outcome], error: str, *needles: str) -> None:
     for o in outcomes:
         assert o.code != 0, f"rank {o.rank} exited 0:\n{o.log[-3000:]}"
-        assert o.seconds < BOUND_S, f"rank {o.rank} took {o.seconds:.1f}s"
+        assert o.since_ready < BOUND_S, f"rank {o.rank} took {o.since_ready:.1f}s after its ready line"
         assert error in o.log, f"rank {o.rank} lacks {error}:\n{o.log[-3000:]}"
         for needle in needles:
             assert needle in o.log, f"rank {o.rank} lacks {needle!r}:\n{o.log[-3000:]}"

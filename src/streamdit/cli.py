@@ -12,20 +12,32 @@ import argparse
 import contextlib
 import faulthandler
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from streamdit import __version__
 from streamdit.config import (
+    TEST_HOOK_PREFIX,
     LaunchEnv,
     RunConfig,
     apply_environment,
     cuda_loading_defaults,
+    read_test_hooks,
 )
-from streamdit.errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_OK, ConfigError, StreamditError
-from streamdit.flags import add_run_flags, config_from_args
+from streamdit.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    ConfigError,
+    StreamditError,
+    needs_hard_exit,
+)
+from streamdit.flags import DefaultsHelp, add_run_flags, check_no_effect, config_from_args, port_number
 from streamdit.runtime.live import STOP_OVER_HTTP
 from streamdit.runtime.liveness import StopFlag
 
@@ -41,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamdit", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"streamdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="generate a video chunk by chunk")
+    run = sub.add_parser("run", help="generate a video chunk by chunk", formatter_class=DefaultsHelp)
     add_run_flags(run)
     matrix = sub.add_parser("matrix", help="run the operator test matrix (break-it rows) here")
     matrix.add_argument("--only", default=None, help="comma-separated row ids, e.g. OM-01,OM-13")
@@ -60,11 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="nccl: every rank its own emulated host on GPU 0 (NCCL over loopback sockets): "
         "real NCCL communicators on a machine with fewer GPUs than ranks",
     )
-    serve = sub.add_parser("serve", help="live generation in a browser, steered while it runs")
+    matrix.add_argument(
+        "--chaos",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead of the rows: N seeded random faults (kill / stop / term / hup of a random "
+        "rank at a random chunk, a full disk, the store host frozen) over single, tp and pp",
+    )
+    matrix.add_argument("--seed", type=int, default=0, help="--chaos: the seed that draws the faults")
+    serve = sub.add_parser(
+        "serve", help="live generation in a browser, steered while it runs", formatter_class=DefaultsHelp
+    )
     add_run_flags(serve)
     serve.set_defaults(out=None)  # serve records a video only when --out is given
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (rank0)")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 = any free port)")
     serve.add_argument("--start-paused", action="store_true", help="wait for start on the page")
     enc = sub.add_parser(
         "encode-text", help="precompute prompt embeddings with a local umT5 (for --text-embeddings)"
@@ -97,6 +120,8 @@ def _matrix(args: argparse.Namespace) -> int:
     if args.emulate_hosts and args.backend != "nccl":
         print("streamdit: error: --emulate-hosts needs --backend nccl [field=emulate_hosts]", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if args.chaos is not None:
+        return _chaos(args, gpus)
     try:
         return run_matrix(
             only=args.only,
@@ -110,6 +135,31 @@ def _matrix(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"streamdit: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+
+
+def _chaos(args: argparse.Namespace, gpus: int) -> int:
+    from streamdit.matrix.chaos import WORLD, run_chaos
+
+    problem = ""
+    if args.chaos < 1:
+        problem = f"--chaos {args.chaos}: the number of faults must be >= 1 [field=chaos]"
+    elif args.only:
+        problem = "--chaos draws its own cases; it takes no --only [field=only]"
+    elif args.backend == "nccl" and not args.emulate_hosts and gpus < max(WORLD.values()):
+        problem = (
+            f"--chaos --backend nccl needs {max(WORLD.values())} GPUs or --emulate-hosts [field=backend]"
+        )
+    if problem:
+        print(f"streamdit: error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_chaos(
+        n=args.chaos,
+        seed=args.seed,
+        backend=args.backend,
+        emulate_hosts=args.emulate_hosts,
+        json_path=args.json,
+        keep=args.logs,
+    )
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -178,10 +228,21 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <pid>` prints every thread's Python stack (a rank that looks stuck says where)
     with contextlib.suppress(AttributeError, ValueError, OSError):  # no real stderr: no dump
         faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    if read_test_hooks().get(f"{TEST_HOOK_PREFIX}READY_LINE"):
+        # a multi-process test starts this rank's clock here, after the imports (seconds on a
+        # loaded 2-core machine), not at the spawn
+        print(
+            f"streamdit: ready rank={launch.rank} monotonic={time.monotonic():.3f}",
+            file=sys.stderr,
+            flush=True,
+        )
     stop = StopFlag()
     previous = _install_drain_handlers(stop)
     try:
         cfg = config_from_args(args)
+        check_no_effect(args, _given(argv))
+        if args.command == "run":
+            _check_timeline_reach(cfg)
         apply_environment(cuda_loading_defaults(cfg.topology))  # before anything starts CUDA
         if cfg.topology == "pp" and not launch.launched and cfg.nproc < 2:
             raise ConfigError(
@@ -211,19 +272,62 @@ def main(argv: list[str] | None = None) -> int:
             summary = _run(cfg, launch, stop)
     except ConfigError as exc:
         print(f"streamdit: {prefix}error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+        return _leave(exc, EXIT_BAD_INPUT)
+    except KeyboardInterrupt as exc:
         print("streamdit: interrupted; frames written so far are in the output file", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return _leave(exc, EXIT_INTERRUPTED)
     except StreamditError as exc:
         log.error("%s: %s", type(exc).__name__, exc)
-        return exc.exit_code
+        return _leave(exc, exc.exit_code)
+    except Exception as exc:
+        if needs_hard_exit(exc):
+            log.exception("%s: %s", type(exc).__name__, exc)
+            _leave(exc, EXIT_FAILURE)
+        raise
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
     code = _report(summary)
     if note:
         print(f"streamdit: {note}", file=sys.stderr)
+    return code
+
+
+def _given(argv: list[str]) -> set[str]:
+    """The dests of the flags the user typed (abbreviations too): `argv` parsed once more with
+    every default suppressed, so only what was given lands in the namespace."""
+    parser = build_parser()
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        for sub in action.choices.values():
+            for flag in sub._actions:
+                flag.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command"}
+
+
+def _check_timeline_reach(cfg: RunConfig) -> None:
+    """A `run` timeline entry at or past --chunks would never apply: exit 2 naming it."""
+    if cfg.timeline is None:
+        return
+    from streamdit.runtime.timeline import Timeline
+
+    late = [e.chunk for e in Timeline.load(cfg.timeline).entries if e.chunk >= cfg.chunks]
+    if late:
+        raise ConfigError(
+            f"timeline {cfg.timeline} has entries at chunks {late}, which a run of --chunks "
+            f"{cfg.chunks} never reaches (chunks are 0..{cfg.chunks - 1}) [field=timeline]"
+        )
+
+
+def _leave(exc: BaseException, code: int) -> int:
+    """`code`, or, for a process whose comm threads are stuck in the backend, `os._exit(code)`
+    once stdio and the log are flushed (its output is already closed): a normal exit would
+    tear down the process groups under those threads and abort (SIGABRT) instead."""
+    if needs_hard_exit(exc):
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
     return code
 
 

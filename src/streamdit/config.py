@@ -466,11 +466,13 @@ def cpu_thread_defaults(nproc: int) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // max(1, nproc)))}
 
 
-def rank_environment(rank: int, world_size: int, master_port: int) -> dict[str, str]:
+def rank_environment(
+    rank: int, world_size: int, master_port: int, *, base: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """The torchrun environment of local rank `rank` of `world_size` (rank0 hosts the store on
-    loopback at `master_port`), over this process's own (test hooks included: ranks of one job
-    must agree on them), with the NCCL and CPU-thread defaults."""
-    env = dict(os.environ)
+    loopback at `master_port`), over `base` (default: this process's own, test hooks included:
+    ranks of one job must agree on them), with the NCCL and CPU-thread defaults."""
+    env = dict(os.environ if base is None else base)
     env.update(nccl_environment_defaults())
     env.update(cpu_thread_defaults(world_size))
     env.update(

@@ -25,6 +25,18 @@ EXIT_INTERRUPTED = 130
 #   130 Ctrl-C: drained (first) or aborted (second)
 
 
+def mark_hard_exit(exc: BaseException) -> BaseException:
+    """`exc` leaves a process whose comm threads are still blocked inside the backend (a
+    poisoned link): it must end with `os._exit` once its output is closed and its error logged,
+    since C++ teardown at a normal exit meets those threads and aborts (SIGABRT, not the code)."""
+    exc.streamdit_hard_exit = True  # type: ignore[attr-defined]
+    return exc
+
+
+def needs_hard_exit(exc: BaseException) -> bool:
+    return bool(getattr(exc, "streamdit_hard_exit", False))
+
+
 class StreamditError(Exception):
     """Base of every error streamdit raises on purpose."""
 

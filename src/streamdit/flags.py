@@ -1,13 +1,16 @@
 """The `run` / `serve` flags and their translation into one `RunConfig`.
 
 Owns: `add_run_flags` (every flag `run` and `serve` share), `config_from_args` (the recipe's
-defaults, then the flags the user gave on top: a flag left out takes the recipe's value) and
-`SERVE_OUT`. Imports config and recipes only.
+defaults, then the flags the user gave on top: a flag left out takes the recipe's value),
+`NO_EFFECT` + `check_no_effect` (a flag the user gave that the chosen mode would ignore is an
+exit-2 error naming it, never silently dropped), `LOG_LEVELS` and `SERVE_OUT`. Imports config
+and recipes only.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 from streamdit.config import (
@@ -27,6 +30,45 @@ from streamdit.errors import ConfigError
 from streamdit.recipes import RECIPES
 
 SERVE_OUT = Path("out/serve/stream.mp4")  # serve without --out: flight records go beside it
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# A flag that does nothing unless its condition holds: (flag dest, condition over the parsed
+# flags, what the flag needs). Given by the user when its condition fails: exit 2 naming it.
+NO_EFFECT: tuple[tuple[str, Callable[[argparse.Namespace], bool], str], ...] = (
+    ("nproc", lambda a: a.topology != "single", "--topology tp or pp (single runs one process)"),
+    ("queue_depth", lambda a: a.topology == "pp", "--topology pp (envelopes in flight to the mesh)"),
+    ("prompt", lambda a: a.timeline is None, "no --timeline (the timeline's entries name the prompts)"),
+    ("chunks", lambda a: a.command != "serve", "run (serve generates until stopped or its input ends)"),
+    ("compile_backend", lambda a: a.compile, "--compile"),
+    ("compile_mode", lambda a: a.compile, "--compile"),
+    ("graph_break_budget", lambda a: a.compile, "--compile"),
+    ("checkpoint_select", lambda a: a.checkpoint is not None, "--checkpoint"),
+    ("use_ema", lambda a: a.checkpoint is not None, "--checkpoint"),
+)
+
+
+class DefaultsHelp(argparse.HelpFormatter):
+    """Help that shows each flag's default (left out where there is none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return f"{text} (default: %(default)s)" if shown and "%(default)" not in text else text
+
+
+def check_no_effect(args: argparse.Namespace, given: set[str]) -> None:
+    """ConfigError for the first flag the user gave that would do nothing here."""
+    for dest, holds, needs in NO_EFFECT:
+        if dest in given and not holds(args):
+            flag = "--" + dest.replace("_", "-")
+            raise ConfigError(f"{flag} has no effect here: it needs {needs} [field={dest}]")
+
+
+def port_number(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a TCP port (0-65535; 0 = any free port)")
+    return port
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -183,7 +225,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fps", type=int, default=d.fps, help="frame rate of the .mp4")
     p.add_argument("--no-progress", action="store_true", help="never draw the progress bar")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
+    p.add_argument("--log-level", default="WARNING", type=str.upper, choices=LOG_LEVELS, help="log detail")
 
 
 def _recipe_overrides(args: argparse.Namespace) -> dict[str, object]:

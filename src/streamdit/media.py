@@ -12,7 +12,11 @@ included): every frame for .npy, every closed fragment's for .mp4 (all of them a
 `close()`). What a stream claims (its metrics lines) follows it, never `frames_written`.
 `abort()` (after a failed write) cuts the file back to its durable part, so a full disk leaves
 no torn tail: the file decodes strictly.
-Also `probe_video` / `read_video_frames` for video-to-video input. Imports no other streamdit
+`strict_frames` is the reader's side of that promise (tests, `streamdit matrix --chaos`): an
+.npy must load whole; an .mp4 must be whole top-level boxes (ftyp, moov, then moof + mdat per
+fragment, tiling the file exactly: a torn tail fails) whose every frame decodes.
+Also `probe_video`, `count_video_frames` and `VideoSource` (decoded a chunk at a time) for
+video-to-video input. Imports no other streamdit
 layer besides errors.
 """
 
@@ -20,8 +24,11 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import itertools
 import logging
 import os
+import struct
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Protocol
@@ -240,23 +247,89 @@ def probe_video(path: Path) -> int:
         raise ConfigError(f"input video {path} is not a readable video: {exc} [field=input_video]") from exc
 
 
-def read_video_frames(path: Path, *, height: int, width: int, max_frames: int) -> np.ndarray:
-    """Up to `max_frames` RGB frames resized to height x width, as uint8 [T, H, W, 3]."""
-    out: list[np.ndarray] = []
+def count_video_frames(path: Path) -> int:
+    """How many frames the input video holds, from its packets (demuxed, not decoded)."""
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                out.append(frame.reformat(width=width, height=height, format="rgb24").to_ndarray())
-                if len(out) >= max_frames:
-                    break
-    except av.FFmpegError as exc:
-        raise ConfigError(f"input video {path} failed to decode: {exc} [field=input_video]") from exc
-    if not out:
-        raise ConfigError(f"input video {path} holds no frames [field=input_video]")
-    return np.stack(out)
+            stream = container.streams.video[0]
+            return sum(1 for packet in container.demux(stream) if packet.size)
+    except (av.FFmpegError, IndexError) as exc:
+        raise ConfigError(f"input video {path} failed to read: {exc} [field=input_video]") from exc
+
+
+class VideoSource:
+    """An input video's frames decoded on demand, resized to height x width, as uint8
+    [T, H, W, 3]: a stream holds one chunk's frames at a time, never the whole file.
+
+    The file is opened at the first `read` (the constructor only records what to open) and
+    closed at its end or by `close()`; `fresh()` is the same video from its first frame (a
+    rehearsal must not consume the stream's frames).
+    """
+
+    def __init__(self, path: Path, *, height: int, width: int, frames: int) -> None:
+        self.path, self.height, self.width = path, height, width
+        self.frames = frames  # counted at validation (`count_video_frames`)
+        self.position = 0
+        self._container: av.container.InputContainer | None = None
+        self._decoded: Iterator[av.VideoFrame] | None = None
+
+    def fresh(self) -> VideoSource:
+        return VideoSource(self.path, height=self.height, width=self.width, frames=self.frames)
+
+    def read(self, n: int) -> np.ndarray:
+        """The next `n` frames; ConfigError if the file holds fewer than it was counted with."""
+        if self._decoded is None:
+            self._container = av.open(str(self.path))
+            self._decoded = self._container.decode(video=0)
+        out: list[np.ndarray] = []
+        try:
+            for frame in itertools.islice(self._decoded, n):
+                out.append(frame.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray())
+        except av.FFmpegError as exc:
+            raise ConfigError(f"input video {self.path} failed to decode: {exc} [field=input_video]") from exc
+        if len(out) < n:
+            raise ConfigError(
+                f"input video {self.path} ended at frame {self.position + len(out)}; "
+                f"{self.frames} were counted [field=input_video]"
+            )
+        self.position += n
+        return np.stack(out)
+
+    def close(self) -> None:
+        if self._container is not None:
+            self._container.close()
+        self._container = self._decoded = None
 
 
 def count_mp4_frames(path: Path) -> int:
     """Decode every frame of a video file and count them (the honest check of validity)."""
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
+
+
+def mp4_boxes(path: Path) -> list[tuple[str, int]]:
+    """The file's top-level boxes (kind, size); ValueError when a box is torn or bytes stray."""
+    data = path.read_bytes()
+    boxes, at = [], 0
+    while at < len(data):
+        if at + 8 > len(data):
+            raise ValueError(f"{path}: {len(data) - at} stray bytes at {at}")
+        size, kind = struct.unpack(">I4s", data[at : at + 8])
+        if size == 1:  # a 64-bit size follows
+            size = struct.unpack(">Q", data[at + 8 : at + 16])[0]
+        if size < 8 or at + size > len(data):
+            raise ValueError(f"{path}: box {kind!r} at {at} torn ({size} bytes)")
+        boxes.append((kind.decode("latin1"), size))
+        at += size
+    return boxes
+
+
+def strict_frames(path: Path) -> int:
+    """The frames a reader finds in a streamdit video, or ValueError if the file is not whole."""
+    if path.suffix == ".npy":
+        return int(np.load(path, mmap_mode="r").shape[0])
+    kinds = [k for k, _ in mp4_boxes(path)]
+    fragments = kinds[2:-1] if kinds[-1:] == ["mfra"] else kinds[2:]  # mfra: from a clean close
+    if kinds[:2] != ["ftyp", "moov"] or fragments != ["moof", "mdat"] * (len(fragments) // 2):
+        raise ValueError(f"{path}: top-level boxes {kinds} are not ftyp, moov, (moof, mdat)*")
+    return count_mp4_frames(path)

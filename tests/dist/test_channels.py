@@ -1,6 +1,6 @@
 """Channels over gloo in real processes: round trips and break-it rows, asserting who / how / when.
 
-Rows: OM-01, OM-02, OM-03 (both halves), OM-10 of test-matrix.md, plus the extra rows "sender
+Rows: OM-01, OM-02, OM-03 (both halves), OM-10 of docs/test-matrix.md, plus the extra rows "sender
 throws after the header" (poison), "unknown version / action / kind and absurd sizes rejected
 before allocation", "non-monotonic call_id / chunk_index rejected". Every rank that fails must do so
 with a typed error whose text carries the ids; every peer must exit on its own (never be killed by
@@ -27,7 +27,7 @@ from streamdit.protocol.header import Action, Header, HeaderField, Ids, Kind, ch
 from streamdit.protocol.messages import PPEnvelopeV1, PPResultV1, TPEnvelopeV1
 from streamdit.runtime.flight import FlightRecorder
 
-BOUND_S = 20.0  # test-matrix.md: every process exits within 20 s of the fault on CPU/gloo
+BOUND_S = 20.0  # docs/test-matrix.md: every process exits within 20 s of the fault on CPU/gloo
 HARD_S = 60.0  # harness wall clock per test: far beyond any correct run
 pytestmark = [pytest.mark.timeout(90)]
 

@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mp4check import strict_frames
 from ranks import collect, env, free_port, start_ranks
+from streamdit.media import strict_frames
 
 pytestmark = pytest.mark.timeout(120)
 WINDOW_S = 3.0
@@ -55,7 +55,9 @@ def _frames_in_metrics(metrics: Path) -> int:
     [("tp", 2, True), ("tp", 2, False), ("pp", 3, True), ("pp", 3, False)],
     ids=["tp-idle", "tp-mid-stream", "pp-idle", "pp-mid-stream"],
 )
-def test_om13_rank0_killed_orphans_exit_with_code_4(tmp_path: Path, topology: str, world: int, idle: bool) -> None:
+def test_om13_rank0_killed_orphans_exit_with_code_4(
+    tmp_path: Path, topology: str, world: int, idle: bool
+) -> None:
     metrics = tmp_path / "m.jsonl"
     flags = [*FLAGS, "--metrics", str(metrics)]
     # idle: rank0 sleeps 1.5 s after each chunk, workers wait for the next envelope
@@ -82,7 +84,9 @@ def test_om13_stopped_worker_is_detected_by_rank0(tmp_path: Path, topology: str,
     metrics = tmp_path / "m.jsonl"
     flags = [*FLAGS, "--metrics", str(metrics)]
     t0 = time.monotonic()
-    procs = start_ranks([flags] * world, {"STREAMDIT_TEST_SLOW_CHUNK_MS": "200"}, topology=topology, out_dir=tmp_path)
+    procs = start_ranks(
+        [flags] * world, {"STREAMDIT_TEST_SLOW_CHUNK_MS": "200"}, topology=topology, out_dir=tmp_path
+    )
     _wait_for_chunks(metrics, 2, procs)
     os.killpg(procs[1].pid, signal.SIGSTOP)
     t_stop = time.monotonic()
@@ -101,7 +105,10 @@ def test_om13_stopped_worker_is_detected_by_rank0(tmp_path: Path, topology: str,
     assert frames.shape[0] == _frames_in_metrics(metrics) > 0  # valid, nothing half-written
     # `streamdit inspect` names the stopped rank although it left no record
     proc = subprocess.run(
-        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     assert "first failing: rank 1: stopped heartbeating" in proc.stdout, proc.stdout
@@ -113,7 +120,9 @@ def test_sigterm_to_rank0_drains_and_every_rank_exits_0(tmp_path: Path, topology
     metrics = tmp_path / "m.jsonl"
     flags = [*FLAGS, "--metrics", str(metrics)]
     t0 = time.monotonic()
-    procs = start_ranks([flags] * world, {"STREAMDIT_TEST_SLOW_CHUNK_MS": "200"}, topology=topology, out_dir=tmp_path)
+    procs = start_ranks(
+        [flags] * world, {"STREAMDIT_TEST_SLOW_CHUNK_MS": "200"}, topology=topology, out_dir=tmp_path
+    )
     _wait_for_chunks(metrics, 2, procs)
     procs[0].send_signal(signal.SIGTERM)
     t_term = time.monotonic()
@@ -137,7 +146,9 @@ def test_frozen_store_host_orphans_every_rank_within_the_window(
     tmp_path: Path, topology: str, world: int
 ) -> None:
     """rank0 hosts the rendezvous store: SIGSTOP freezes the store too, so a store call of the
-    watchdog blocks; the judge thread still rules on time alone (exit 4 within the window)."""
+    watchdog blocks; the judge thread still rules on time alone (exit 4 within the window).
+    Resumed afterwards, rank0 finds its peers gone (6) and says it stood still itself first,
+    so `inspect` names rank0, not the peers that left because of it."""
     metrics = tmp_path / "m.jsonl"
     t0 = time.monotonic()
     procs = start_ranks(
@@ -152,13 +163,21 @@ def test_frozen_store_host_orphans_every_rank_within_the_window(
     try:
         others = collect(procs[1:], t0)
     finally:
-        os.killpg(procs[0].pid, signal.SIGKILL)
-    collect(procs[:1], t0)
+        os.killpg(procs[0].pid, signal.SIGCONT)
+    t_cont = time.monotonic()
+    rank0 = collect(procs[:1], t0)[0]
     for o in others:
         assert o.code == 4, f"rank {o.rank + 1} exited {o.code}:\n{o.log[-3000:]}"
         assert "orphaned:" in o.log and "rank0" in o.log, o.log[-3000:]
         assert o.seconds - (t_stop - t0) < WINDOW_S + 3.0, f"took {o.seconds - (t_stop - t0):.1f} s"
+    assert rank0.code == 6, rank0.log[-3000:]
+    assert "after this rank itself stalled" in rank0.log, rank0.log[-3000:]
+    assert rank0.seconds - (t_cont - t0) < WINDOW_S + 4.0, f"{rank0.seconds - (t_cont - t0):.1f} s"
     assert np.load(tmp_path / "v.npy").shape[0] == _frames_in_metrics(metrics) > 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+    )
+    assert "first failing: rank 0: stalled" in proc.stdout, proc.stdout
 
 
 def test_a_foreign_done_mark_cannot_disable_orphan_detection(tmp_path: Path) -> None:
@@ -280,9 +299,14 @@ def test_a_local_failure_inside_phase_b_reaches_every_peer_at_once(
             continue
         assert o.code == 5, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
         assert f"rank {crashing} aborted: InjectedFault: injected crash at chunk 2" in o.log, o.log[-3000:]
-        assert o.seconds < failed.seconds + 4.0, f"rank {o.rank} at {o.seconds:.1f} s, crash at {failed.seconds:.1f}"
+        assert o.seconds < failed.seconds + 4.0, (
+            f"rank {o.rank} at {o.seconds:.1f} s, crash at {failed.seconds:.1f}"
+        )
     proc = subprocess.run(
-        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
     )
     assert f"first failing: rank {crashing}: InjectedFault" in proc.stdout, proc.stdout
 
@@ -297,11 +321,16 @@ def test_a_rank_that_never_starts_is_named_within_the_startup_bound(tmp_path: Pa
     os.killpg(procs[1].pid, signal.SIGKILL)  # rank 1 "never starts"
     rank0 = collect(procs, t0)[0]
     assert rank0.code == 6, rank0.log[-3000:]
-    assert "ranks [1] did not reach the rendezvous" in rank0.log and "Traceback" not in rank0.log, rank0.log[-3000:]
-    assert rank0.seconds < 5 + 25, "start-up (imports) + the 5 s bound"
+    assert "ranks [1] did not reach the rendezvous" in rank0.log and "Traceback" not in rank0.log, rank0.log[
+        -3000:
+    ]
+    assert rank0.since_ready < 5 + 20, "the 5 s bound + model build, counted after the imports"
     assert (tmp_path / "flight" / "rank0.json").exists()
     proc = subprocess.run(
-        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)], env=env(), capture_output=True, text=True
+        [sys.executable, "-m", "streamdit", "inspect", str(tmp_path)],
+        env=env(),
+        capture_output=True,
+        text=True,
     )
     assert re.search(r"^\s+1\s+missing", proc.stdout, re.M), proc.stdout
 

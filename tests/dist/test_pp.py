@@ -111,28 +111,28 @@ def test_first_use_cost_of_the_mesh_is_paid_in_the_startup_warmup(tmp_path: Path
         assert "generator warm-up" not in rank0.log
         assert np.load(tmp_path / "v.npy").shape[0] == 9 + 12 + 12
         return
-    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert rank0.code != 0 and rank0.since_ready < BOUND_S, rank0.log[-3000:]
     assert "TransportError: receiving header failed" in rank0.log, rank0.log[-3000:]
     assert "[field=header, group=link]" in rank0.log  # the wait for result 0
     assert "generator warm-up" not in leader.log
-    assert all(o.seconds < BOUND_S for o in (leader, peer))
+    assert all(o.since_ready < BOUND_S for o in (leader, peer))
 
 
 def test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly(tmp_path: Path) -> None:
     hooks = {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1", "STREAMDIT_TEST_SKIP_SENDER_VALIDATION": "1"}
     rank0, leader, peer = spawn_ranks([[], [], []], hooks, topology="pp", out_dir=tmp_path)
     # the leader rejects from the meta alone, before allocating or broadcasting the payload
-    assert leader.code != 0 and leader.seconds < BOUND_S, leader.log[-3000:]
+    assert leader.code != 0 and leader.since_ready < BOUND_S, leader.log[-3000:]
     assert "PlanMismatchError" in leader.log and "expected_generator_calls" in leader.log
     assert "chunk_index=1" in leader.log and "call_id=1" in leader.log
     # the peer got a terminal ERROR instead of the payload and exited with the peer-abort code
-    assert peer.code == 5 and peer.seconds < BOUND_S, peer.log[-3000:]
+    assert peer.code == 5 and peer.since_ready < BOUND_S, peer.log[-3000:]
     assert "PeerAbort" in peer.log and "PlanMismatchError" in peer.log
     record = json.loads((tmp_path / "flight" / "rank2.json").read_text())
     received = [(e["action"], e["chunk_index"]) for e in record["events"] if e["name"] == "header_received"]
     assert received == [(Action.INFER.value, 0), (Action.ERROR.value, -1)]  # never chunk 1's header
     # rank0 learns it from the leader's ERROR result, fast, and keeps chunk 0's frames
-    assert rank0.code == 5 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert rank0.code == 5 and rank0.since_ready < BOUND_S, rank0.log[-3000:]
     assert "PeerAbort" in rank0.log and "mesh leader aborted" in rank0.log
     assert np.load(tmp_path / "v.npy").shape[0] == 9  # chunk 0 decoded and written
     # `streamdit inspect` tells the cause (the leader) from the ranks that followed
@@ -144,9 +144,9 @@ def test_om07_leader_rejects_an_envelope_and_the_mesh_exits_cleanly(tmp_path: Pa
 def test_om08_collective_on_the_world_group_raises_before_the_backend() -> None:
     rank0, leader, peer = spawn_ranks([[], [], []], {"STREAMDIT_TEST_WRONG_GROUP_AT_CHUNK": "1"}, topology="pp")
     for o in (leader, peer):
-        assert o.code == 1 and o.seconds < BOUND_S, o.log[-3000:]
+        assert o.code == 1 and o.since_ready < BOUND_S, o.log[-3000:]
         assert "GroupError" in o.log and "group 'world'" in o.log and "may only use 'mesh'" in o.log
-    assert rank0.code == 5 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert rank0.code == 5 and rank0.since_ready < BOUND_S, rank0.log[-3000:]
     assert "GroupError" in rank0.log  # the leader's ERROR result names the cause
 
 

@@ -121,12 +121,12 @@ def test_c04_auto_backend_resolving_differently_fails_at_startup() -> None:
 
 def test_om03_inconsistent_plan_is_rejected_by_rank0_before_the_broadcast() -> None:
     rank0, worker = spawn_ranks([[], []], {"STREAMDIT_TEST_BAD_PLAN_AT_CHUNK": "1"})
-    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert rank0.code != 0 and rank0.since_ready < BOUND_S, rank0.log[-3000:]
     assert "PlanMismatchError" in rank0.log and "expected_generator_calls" in rank0.log
     assert "chunk_index=1" in rank0.log
     # the worker never saw the bad envelope: rank0 told it to stop, with a terminal ERROR or
     # its abort announced through the store (whichever arrives first), naming the error
-    assert worker.code == 5 and worker.seconds < BOUND_S, worker.log[-3000:]
+    assert worker.code == 5 and worker.since_ready < BOUND_S, worker.log[-3000:]
     told = "PeerAbort" in worker.log or "rank 0 aborted: PlanMismatchError" in worker.log
     assert told and "PlanMismatchError" in worker.log, worker.log[-3000:]
 
@@ -136,8 +136,8 @@ def test_om03_inconsistent_plan_forced_past_rank0_is_rejected_by_the_worker() ->
     outcomes = spawn_ranks([[], []], hooks)
     rank0, worker = outcomes
     # the worker rejects from the meta alone, before allocating tensors or entering Phase B
-    assert worker.code != 0 and worker.seconds < BOUND_S, worker.log[-3000:]
+    assert worker.code != 0 and worker.since_ready < BOUND_S, worker.log[-3000:]
     assert "PlanMismatchError" in worker.log and "expected_generator_calls" in worker.log, worker.log[-3000:]
     assert "chunk_index=1" in worker.log and "call_id=1" in worker.log, worker.log[-3000:]
     # rank0 is then stranded in its next collective with a dead peer: it must fail, not hang
-    assert rank0.code != 0 and rank0.seconds < BOUND_S, rank0.log[-3000:]
+    assert rank0.code != 0 and rank0.since_ready < BOUND_S, rank0.log[-3000:]

@@ -304,3 +304,80 @@ def test_bad_checkpoint_exits_2_naming_file_and_key(
     err = capsys.readouterr().err
     assert needle in err and "bad.safetensors" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "needs"),
+    [
+        (["--nproc", "2"], "nproc", "--topology tp or pp"),
+        (["--npr", "2"], "nproc", "--topology tp or pp"),  # an abbreviation is a given flag too
+        (["--queue-depth", "3", "--topology", "tp", "--nproc", "2"], "queue_depth", "--topology pp"),
+        (["--prompt", "a fox", "--timeline", "TL"], "prompt", "no --timeline"),
+        (["--compile-mode", "max-autotune"], "compile_mode", "--compile"),
+        (["--graph-break-budget", "3"], "graph_break_budget", "--compile"),
+        (["--use-ema"], "use_ema", "--checkpoint"),
+    ],
+    ids=[
+        "nproc-single",
+        "nproc-abbrev",
+        "queue-depth-tp",
+        "prompt-timeline",
+        "compile-mode",
+        "budget",
+        "ema",
+    ],
+)
+def test_a_flag_without_effect_exits_2_naming_it(
+    tmp_path: Path, capsys, extra: list[str], field: str, needs: str
+) -> None:
+    tl = tmp_path / "tl.json"
+    tl.write_text('{"entries": [{"chunk": 0, "prompt": "a harbour"}]}')
+    extra = [str(tl) if x == "TL" else x for x in extra]
+    assert main(["run", *GEOM, "--out", str(tmp_path / "o.npy"), *extra]) == 2
+    err = capsys.readouterr().err
+    flag = "--" + field.replace("_", "-")
+    assert f"{flag} has no effect here: it needs {needs}" in err and f"[field={field}]" in err, err
+    assert not (tmp_path / "o.npy").exists()  # refused before any model work
+
+
+def test_serve_refuses_chunks_and_a_run_refuses_timeline_entries_it_never_reaches(
+    tmp_path: Path, capsys
+) -> None:
+    assert main(["serve", "--chunks", "3", "--port", "0"]) == 2
+    assert "--chunks has no effect here: it needs run" in capsys.readouterr().err
+    tl = tmp_path / "tl.json"
+    tl.write_text('{"entries": [{"chunk": 0, "prompt": "a"}, {"chunk": 4, "prompt": "b"}]}')
+    assert main(["run", "--chunks", "4", "--timeline", str(tl), "--out", str(tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "entries at chunks [4]" in err and "--chunks 4 never reaches" in err and "[field=timeline]" in err
+
+
+def test_a_yaml_timeline_is_refused_by_its_suffix(tmp_path: Path, capsys) -> None:
+    tl = tmp_path / "tl.yaml"
+    tl.write_text("entries:\n  - chunk: 0\n    prompt: a fox\n")
+    assert main(["run", "--timeline", str(tl), "--out", str(tmp_path / "o.npy")]) == 2
+    assert ".yaml is not a timeline format (write it as .toml or .json)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["serve", "--port", "99999"], "99999 is not a TCP port"),
+        (["run", "--log-level", "verbose"], "invalid choice: 'VERBOSE'"),
+    ],
+)
+def test_a_bad_port_or_log_level_is_a_usage_error(capsys, argv: list[str], needle: str) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and needle in err and "Traceback" not in err, err
+
+
+def test_help_shows_every_default(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert exc.value.code == 0
+    for shown in ("(default: streamdit)", "(default: 128)", "(default: 192)", "(default: WARNING)"):
+        assert shown in out, shown
+    assert "(default: None)" not in out and "(default: False)" not in out

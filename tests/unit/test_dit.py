@@ -312,7 +312,7 @@ class _ThreadAllReduce:
 
 def test_emulated_tensor_parallel_forward_matches_single_device() -> None:
     """Slice weights + set the RMSNorm reduction + all-reduce row-parallel outputs (the plan of
-    model.md) from outside: TP=2 output equals the unsharded model's."""
+    docs/model.md) from outside: TP=2 output equals the unsharded model's."""
     model, (xs, ctx) = _model(), _inputs(8, chunks=2)
     expected = _stream(model, xs, ctx)
     reduce, world = _ThreadAllReduce(2), 2

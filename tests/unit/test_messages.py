@@ -1,4 +1,4 @@
-"""Message rules of protocol.md §4 and sender preflight (OM-01, OM-02, OM-03, OM-10).
+"""Message rules of docs/protocol.md §4 and sender preflight (OM-01, OM-02, OM-03, OM-10).
 
 Every rejection asserts the type, the field named, and the ids in the text: one log line must be
 enough to find the failing chunk on every rank.

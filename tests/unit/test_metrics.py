@@ -1,4 +1,4 @@
-"""OverlapScore (protocol.md §8) from per-chunk pp metrics."""
+"""OverlapScore (docs/protocol.md §8) from per-chunk pp metrics."""
 
 from __future__ import annotations
 

@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from mp4check import strict_frames
-from streamdit.media import NpyWriter, count_mp4_frames
+from streamdit.media import NpyWriter, count_mp4_frames, strict_frames
 from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
 from streamdit.runtime.output import OutputError, OutputWorker
 

@@ -1,6 +1,6 @@
 """The causal Wan2.1-style video DiT (the generator) for chunk-by-chunk generation.
 
-Owns: the network of model.md ("Generator block"), with module names identical to Wan2.1 /
+Owns: the network of docs/model.md ("Generator block"), with module names identical to Wan2.1 /
 Self-Forcing so their safetensors load with an identity key map, its seeded initialization, and
 one generator call: write the chunk's K/V into the KV cache, attend over [cache window || chunk]
 (block-causal), cross-attend to the text through the cross-attention cache.

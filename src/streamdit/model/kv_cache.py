@@ -1,7 +1,7 @@
 """Self-attention KV cache (rolling window + sinks) and cross-attention (text) cache.
 
 Owns: fixed-size K/V storage for every layer of one generator rank, the per-frame-slot
-bookkeeping of which absolute latent frame each slot holds, and the cache lifecycle of model.md
+bookkeeping of which absolute latent frame each slot holds, and the cache lifecycle of docs/model.md
 (write, overwrite, evict, hard reset, recompute). Under tensor parallelism a rank's cache holds
 only its LOCAL heads; nothing here knows the global head count.
 Imports torch and `streamdit.errors` only.

@@ -19,7 +19,7 @@ from streamdit.errors import ConfigError
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DiTConfig:
-    """Shapes of the causal Wan2.1-style DiT (see model.md, "Shapes")."""
+    """Shapes of the causal Wan2.1-style DiT (see docs/model.md, "Shapes")."""
 
     name: str
     """Preset name, reported in logs and parity checks."""

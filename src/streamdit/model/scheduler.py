@@ -1,7 +1,7 @@
 """Few-step flow-matching schedule: step list, shifted sigmas, x0 / re-noise math.
 
 Owns: validation of `denoising_step_list`, the shifted flow schedule sigma(t), the timestep the
-generator is conditioned on, and the two per-step updates of model.md ("Denoising one chunk"):
+generator is conditioned on, and the two per-step updates of docs/model.md ("Denoising one chunk"):
 
     v  = G(x, timesteps[i], ...)
     x0 = x - sigma_i * v

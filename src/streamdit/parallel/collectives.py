@@ -38,7 +38,7 @@ def all_reduce_sum(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> tor
     """Sum of `t` over the group, as a new tensor (`t` is not modified).
 
     Eagerly the result is an AsyncCollectiveTensor that waits on first use; under
-    torch.compile the collective is a graph node (no graph break, protocol.md §11).
+    torch.compile the collective is a graph node (no graph break, docs/protocol.md §11).
     """
     check_group(handle, allowed)
     return funcol.all_reduce(t, "sum", handle.pg)
@@ -47,7 +47,7 @@ def all_reduce_sum(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> tor
 def all_reduce_sum_inplace(t: torch.Tensor, handle: GroupHandle, *, allowed: str) -> torch.Tensor:
     """Sum of `t` over the group, written into `t` (c10d in-place; eager only).
 
-    For measuring eager mode against the functional form (protocol.md §11 asks for both): it
+    For measuring eager mode against the functional form (docs/protocol.md §11 asks for both): it
     avoids the AsyncCollectiveTensor wrapper but breaks a torch.compile graph.
     """
     check_group(handle, allowed)

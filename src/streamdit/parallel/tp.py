@@ -76,7 +76,7 @@ def apply_tp(
     `inplace_collectives` swaps the functional all-reduce for c10d's in-place one (eager
     benchmarks only: it cannot be compiled without graph breaks). `hide_from_compiler` wraps the
     collective in `torch._dynamo.disable`, the layout that cost the reference system >60% of its
-    compiled throughput: for the protocol.md §11 benchmark and the C-02 gate's test only.
+    compiled throughput: for the docs/protocol.md §11 benchmark and the C-02 gate's test only.
 
     Everything is validated before the first weight is replaced, so a refusal leaves the model
     whole. The replaced Parameters hold fresh copies of their slices: the full weights are freed

@@ -27,7 +27,7 @@ Sender states (`send`)::
     -------------+-----------------------------------------------+-------------------------------
     PREFLIGHT    | prepare(): validate, specs, encode, dtypes,   | raise ProtocolError; nothing
                  | limits, materialize, build the control frame, | was sent: the peer is free
-                 | pack the payload (protocol.md §3 steps 1-5)   |
+                 | pack the payload (docs/protocol.md §3 steps 1-5)   |
     COMMIT       | log the commitment line (rank, role, group,   | -
                  | ids, manifest), event "commit"                |
     HEADER_SENT  | control frame transferred: the peer is now    | POISON: log, event "poisoned",

@@ -23,7 +23,7 @@ class SchemaError(CodecError):
 
 
 class EnvelopeError(ProtocolError):
-    """A message object that breaks a rule of protocol.md §4 (required / forbidden / geometry)."""
+    """A message object that breaks a rule of docs/protocol.md §4 (required / forbidden / geometry)."""
 
 
 class PlanMismatchError(EnvelopeError, PlanError):

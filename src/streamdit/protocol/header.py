@@ -1,7 +1,7 @@
 """The fixed-length int64 header and the ids it carries.
 
 Owns: `Action`, `Kind`, `Ids`, `Header` (pack / parse with every receiver-side check of
-protocol.md §3 that needs no meta), `IdTracker` (monotonicity per sender), `MAGIC`,
+docs/protocol.md §3 that needs no meta), `IdTracker` (monotonicity per sender), `MAGIC`,
 `PROTOCOL_VERSION`, `HEADER_LEN` and the field index table `HeaderField`.
 
 Layout (int64 each, index = `HeaderField`):
@@ -65,7 +65,7 @@ HEADER_LEN = len(HeaderField)
 
 @dataclass(frozen=True, slots=True)
 class Ids:
-    """Identity of one message and of the work it carries (architecture.md, "Identity of work").
+    """Identity of one message and of the work it carries (docs/architecture.md, "Identity of work").
 
     The one id type of the codebase: the header carries it, every message exposes it, and the
     runtime tags each chunk's work, log lines and errors with it.
@@ -122,7 +122,7 @@ class Header:
 
     @classmethod
     def parse(cls, values: Sequence[int], limits: Limits, group: str | None = None) -> Header:
-        """Check a received header in protocol.md §3 order; raises HeaderError / LimitError."""
+        """Check a received header in docs/protocol.md §3 order; raises HeaderError / LimitError."""
         if len(values) != HEADER_LEN:
             raise HeaderError(
                 f"header has {len(values)} fields, expected {HEADER_LEN}",

@@ -1,4 +1,4 @@
-"""Message types of protocol.md §4: frozen dataclasses, their wire schemas and `validate()`.
+"""Message types of docs/protocol.md §4: frozen dataclasses, their wire schemas and `validate()`.
 
 Owns: `TPEnvelopeV1`, `PPEnvelopeV1`, `PPResultV1`, `MESSAGE_TYPES`; re-exports `Action`, `Kind`.
 Ids (`call_id`, `chunk_index`, `cache_epoch`, `control_epoch`) and `action` travel in the header
@@ -97,7 +97,7 @@ class Message:
         return {n: v for n, v in items if v is not None}
 
     def validate(self, group: str | None = None) -> None:
-        """Every rule of protocol.md §4 for this action; raises a ProtocolError naming the field."""
+        """Every rule of docs/protocol.md §4 for this action; raises a ProtocolError naming the field."""
         ctx = self.ids.ctx(group)
         if not isinstance(self.action, Action):
             raise EnvelopeError(f"action {self.action!r} is not an Action", field="action", **ctx)
@@ -207,7 +207,7 @@ _REQ_ENVELOPE = tuple(n for n in (*PAYLOAD_SCALARS, *PAYLOAD_TENSORS) if n != CO
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TPEnvelopeV1(_EnvelopePayload):
-    """rank0 -> workers, broadcast on the TP group (protocol.md §4, "TP envelope")."""
+    """rank0 -> workers, broadcast on the TP group (docs/protocol.md §4, "TP envelope")."""
 
     tp_plan: str | None = None
     tp_envelope_version: int | None = None

@@ -1,6 +1,6 @@
 """Sender preflight: everything that can throw, done before the commitment point.
 
-Owns: `prepare(msg, limits, device) -> Prepared`, steps 1-5 of protocol.md §3 in that order:
+Owns: `prepare(msg, limits, device) -> Prepared`, steps 1-5 of docs/protocol.md §3 in that order:
 
 1. validate the message object (schema version, required / forbidden fields, plan, id monotonicity)
 2. build the tensor list, sorted by name; reject nested / non-top-level tensors
@@ -79,7 +79,7 @@ def prepare(
     group: str | None = None,
     skip_validation: bool = False,
 ) -> Prepared:
-    """Steps 1-5 of protocol.md §3. Raises only ProtocolError subclasses; sends nothing.
+    """Steps 1-5 of docs/protocol.md §3. Raises only ProtocolError subclasses; sends nothing.
 
     `skip_validation` is a test hook (OM-03, second half): it skips step 1's message rules so a
     test can prove the *receiver* rejects an inconsistent plan. Steps 2-5 always run.

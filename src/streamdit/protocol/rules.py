@@ -1,4 +1,4 @@
-"""The rules of protocol.md §4, over scalar fields and tensor specs.
+"""The rules of docs/protocol.md §4, over scalar fields and tensor specs.
 
 Owns: the INFER rules of each message kind (`check_tp_envelope`, `check_pp_envelope`,
 `check_pp_result`): versions, plan names, and `check_generator_plan`, THE rulebook of a chunk's

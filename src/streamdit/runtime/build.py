@@ -16,12 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from streamdit.config import RunConfig
 from streamdit.errors import ConfigError
-from streamdit.media import check_output_path, probe_video, read_video_frames
+from streamdit.media import VideoSource, check_output_path, count_video_frames, probe_video
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.fp8 import fp8_supported, quantize_blocks
@@ -316,18 +315,19 @@ def _tiny_state(path: Path, *, shapes_only: bool = False) -> dict[str, torch.Ten
         return {key: source.get(key) for key in source.shapes()}
 
 
-def load_input_frames(run: ValidatedRun) -> tuple[np.ndarray | None, int]:
-    """Input video frames for v2v and how many chunks they cover (ConfigError if none)."""
+def open_input_video(run: ValidatedRun) -> tuple[VideoSource | None, int]:
+    """The v2v input (decoded a chunk at a time) and how many chunks it covers (ConfigError if
+    it cannot cover the first). Its frames are counted from packets; none is decoded here."""
     cfg = run.cfg
     if cfg.input_video is None:
         return None, run.chunks
     f = cfg.frames_per_chunk
     first, later = pixel_frames(f, first_chunk=True), pixel_frames(f, first_chunk=False)
-    need = first + later * (run.chunks - 1)
-    frames = read_video_frames(cfg.input_video, height=cfg.height, width=cfg.width, max_frames=need)
-    if frames.shape[0] < first:
+    frames = count_video_frames(cfg.input_video)
+    if frames < first:
         raise ConfigError(
-            f"input video {cfg.input_video} has {frames.shape[0]} frames; the first chunk needs {first} "
+            f"input video {cfg.input_video} has {frames} frames; the first chunk needs {first} "
             "[field=input_video]"
         )
-    return frames, min(run.chunks, 1 + (frames.shape[0] - first) // later)
+    source = VideoSource(cfg.input_video, height=cfg.height, width=cfg.width, frames=frames)
+    return source, min(run.chunks, 1 + (frames - first) // later)

@@ -1,4 +1,4 @@
-"""Compile health (protocol.md §11): startup warm-up, graph-break budget (C-02), counter parity (C-03).
+"""Compile health (docs/protocol.md §11): startup warm-up, graph-break budget (C-02), counter parity (C-03).
 
 Owns:
 - `CompileProbe`, the torch.compile backend of every compiled block. It wraps the configured

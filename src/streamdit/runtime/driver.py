@@ -44,7 +44,7 @@ class RunSummary:
     seconds: float
     stopped_early: str = ""  # the drain reason when a stop request ended the stream
     dropped_stale: int = 0  # pp: old-epoch results dropped after an immediate cut (never decoded)
-    overlap_score: float | None = None  # pp: protocol.md §8
+    overlap_score: float | None = None  # pp: docs/protocol.md §8
 
 
 def sync(device: torch.device) -> None:

@@ -2,7 +2,7 @@
 
 Owns: `FlightRecorder`, a bounded, thread-safe ring usable directly as a channel observer
 (`observer=recorder`). On any fatal error the runtime calls `dump(path)`, so the first failing rank
-can be told from the ranks that merely timed out (architecture.md, "Observability").
+can be told from the ranks that merely timed out (docs/architecture.md, "Observability").
 Timestamps are this process's monotonic clock; no cross-rank clock sync is assumed.
 May import protocol; must not be imported by protocol.
 """

@@ -166,6 +166,10 @@ def _first_failing(ranks: list[RankRecord], missing: list[int]) -> tuple[int | N
     if causes:
         first = min(causes, key=lambda r: (r.t_wall if r.t_wall is not None else float("inf"), r.rank))
         return first.rank, f"{first.error} (the first cause; others followed)"
+    for r in ranks:  # a rank that stood still past the window: its peers' verdicts followed it
+        stalled = re.search(r"after this rank itself stalled (\S+) s", r.detail)
+        if stalled:
+            return r.rank, f"stalled {stalled.group(1)} s past the watchdog window (stopped or starved)"
     for r in ranks:
         aborted = re.search(r"rank (\d+) aborted: (\S+)", r.detail)
         if aborted:

@@ -1,9 +1,11 @@
 """Local multi-rank launch: `streamdit run|serve --topology tp|pp --nproc N ...`.
 
-Owns: `launch_local(argv, nproc, grace_s=...)`, a small launcher with torchrun's contract and
-streamdit's exit codes: it re-runs the same command as N local ranks with the torchrun
-environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR=127.0.0.1, a free MASTER_PORT: rank0
-hosts the rendezvous store on loopback), the NCCL multicast switches and OMP_NUM_THREADS.
+Owns: `launch_local(argv, nproc, grace_s=...)` and the pieces other local launchers reuse
+(`free_port`, `die_with_parent`, `kill_group`, `emulated_host_environment`). `launch_local`
+is a small launcher with torchrun's contract and streamdit's exit codes: it re-runs the same
+command as N local ranks with the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR=127.0.0.1, a free MASTER_PORT: rank0 hosts the rendezvous store on loopback),
+the NCCL multicast switches and OMP_NUM_THREADS.
 
 Why not torch's elastic agent: it turns SIGTERM / Ctrl-C into a traceback and exit 1, stops
 every rank the moment one fails (before the survivors' watchdogs can say who was lost), and
@@ -44,13 +46,13 @@ _PR_SET_PDEATHSIG = 1
 
 def launch_local(argv: list[str], nproc: int, *, grace_s: float) -> int:
     """Run `python -m streamdit <argv>` as `nproc` ranks; returns the job's exit code."""
-    port = _free_port()
+    port = free_port()
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "streamdit", *argv],
             env=rank_environment(rank, nproc, port),
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         for rank in range(nproc)
     ]
@@ -61,7 +63,7 @@ def launch_local(argv: list[str], nproc: int, *, grace_s: float) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         for p in procs:
-            _kill_group(p)
+            kill_group(p)
     log.info("ranks exited: %s", codes)
     return job_exit_code(codes)
 
@@ -87,7 +89,7 @@ def _wait(procs: list[subprocess.Popen], grace_s: float) -> dict[int, int]:
             late = [r for r in range(len(procs)) if r not in codes]
             log.error("ranks %s still running %.0f s after rank0 exited: killed", late, grace_s)
             for r in late:
-                _kill_group(procs[r])
+                kill_group(procs[r])
                 codes[r] = procs[r].wait()
         time.sleep(0.05)
     return codes
@@ -101,20 +103,31 @@ def _forward_to(rank0: subprocess.Popen) -> Callable[[int, object], None]:
     return handler
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the launcher dies (Linux; a no-op elsewhere)."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _kill_group(p: subprocess.Popen) -> None:
+def kill_group(p: subprocess.Popen) -> None:
     if p.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
 
 
-def _free_port() -> int:
+def emulated_host_environment(rank: int) -> dict[str, str]:
+    """Rank `rank` as its own emulated host on GPU 0: NCCL builds real communicators over
+    loopback sockets (no NVLink, no shared memory) on a machine with fewer GPUs than ranks."""
+    return {
+        "LOCAL_RANK": "0",
+        "NCCL_HOSTID": f"streamdit-emulated-host-{rank}",
+        "NCCL_SOCKET_IFNAME": "lo",
+        "NCCL_IB_DISABLE": "1",
+    }
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -14,8 +14,10 @@ blocked inside a collective:
   TCPStore server does not answer, and the client's timeout does not cover every call), so
   this thread only publishes what it read and when its last round trip completed;
 - the judge thread decides from those timestamps alone, on its own clock, so a blocked store
-  call cannot silence it. A counter that has not advanced for `window` seconds is a lost peer;
-  a store that has not completed a round trip for `window` seconds is a lost store host.
+  call cannot silence it. A counter that has not advanced over `window` seconds of readings is
+  a lost peer; a store that has not completed a round trip for `window` seconds is a lost
+  store host (a peer's silence counts only what the store showed, plus at most two heartbeats
+  of the store's own lateness, so a dead store host is not mistaken for a peer that was late).
 
 Keys live under `streamdit/liveness/<run id>/`, the run id being agreed by every rank of this
 job at startup: another job's or a stale client's keys cannot mark a rank done or alive.
@@ -43,7 +45,9 @@ instead of waiting out a collective's timeout.
 When several went silent, the one silent longest is named (the others may only be following
 it). A judge that was itself
 not scheduled for `stall_s` (the whole process stopped, or starved) re-bases every clock at its
-wake-up instead of judging peers by a silence it did not watch. A rank that finishes cleanly
+wake-up instead of judging peers by a silence it did not watch; if that stall outlasted the
+window, a later verdict on a silent peer says so (the peers most likely left because they
+ruled this rank lost: `streamdit inspect` then names this rank). A rank that finishes cleanly
 marks `done/<rank>`, and its watchers stop watching it.
 """
 
@@ -115,6 +119,7 @@ class Watchdog:
         self.window_s = window_s
         self.interval_s = max(0.05, window_s / 5)
         self.stall_s = window_s / 2  # a judge tick this late: this process was not running
+        self.own_stall = (0.0, 0.0)  # the latest such stall of this process: (seconds, ended at)
         self.on_verdict = on_verdict
         self.prefix = f"{PREFIX}/{run_id}"
         self.watched = [r for r in range(launch.world_size) if r != launch.rank]
@@ -302,7 +307,7 @@ class Watchdog:
                     "giving every peer a fresh window instead of judging a silence it did not see",
                     now - tick,
                 )
-                rebased = now
+                rebased, self.own_stall = now, (now - tick, now)
             tick = now
             with self._lock:
                 read_at, beats, done = self._read_at, dict(self._beats), set(self._done)
@@ -317,8 +322,8 @@ class Watchdog:
                 if peer in done:
                     self.ended.add(peer)
                 value = beats.get(peer, -1)
-                if value != last_value.get(peer, -1):
-                    last_value[peer], self.last_change[peer] = value, now
+                if value != last_value.get(peer, -1):  # dated by the reading that showed it
+                    last_value[peer], self.last_change[peer] = value, read_at
             verdict = self._judge(now, max(read_at, rebased), rebased)
             if verdict is not None:
                 self._declare(*verdict)
@@ -330,7 +335,14 @@ class Watchdog:
             if 0 in self.ended and not self.launch.agent_store:
                 return None  # rank0 ended cleanly and took its store along: the job is ending
             return EXIT_ORPHANED, self._store_message(store_silent)
-        silent = {p: now - max(self.last_change[p], rebased) for p in self.watched if p not in self.ended}
+        # A peer's silence is what the store showed (from its last change to the latest reading)
+        # plus at most two heartbeats of the store's own lateness (a round trip's jitter, or a
+        # peer's verdict that was due as the store host left). A store silent for longer is the
+        # bigger fact: a peer whose beat was merely late when rank0 died is not named for it.
+        late = min(now - read_at, 2 * self.interval_s)
+        silent = {
+            p: read_at - max(self.last_change[p], rebased) + late for p in self.watched if p not in self.ended
+        }
         lost = [p for p, s in silent.items() if s > self.window_s]
         if not lost:
             return None
@@ -343,7 +355,18 @@ class Watchdog:
         if peer == 0:
             return EXIT_ORPHANED, f"orphaned: rank0 {how}: rank {self.launch.rank} exits"
         action = "aborting the stream" if self.launch.rank == 0 else f"rank {self.launch.rank} exits"
-        return EXIT_PEER_LOST, f"rank {peer} {how}: {action}"
+        return EXIT_PEER_LOST, f"rank {peer} {how}{self._own_stall_note(now)}: {action}"
+
+    def _own_stall_note(self, now: float) -> str:
+        """Peers that fell silent right after this rank itself stood still past the window were
+        most likely reacting to it (they ruled it lost and left): the verdict says so."""
+        stalled_s, ended_at = self.own_stall
+        if stalled_s <= self.window_s or now - ended_at > 2 * self.window_s:
+            return ""
+        return (
+            f", after this rank itself stalled {stalled_s:.1f} s past the window "
+            "(its peers will have ruled it lost first)"
+        )
 
     def _store_message(self, silent_s: float) -> str:
         where = f"{self.launch.master_addr}:{self.launch.master_port}"

@@ -1,7 +1,7 @@
 """Per-chunk metrics: the JSON-lines record every topology writes, and a terminal progress bar.
 
 Owns: `ChunkMetrics` (one line per chunk), `MetricsWriter` (append + flush per line, so a crash
-keeps every finished chunk's line), `overlap_score` (protocol.md §8) and `Progress` (a one-line
+keeps every finished chunk's line), `overlap_score` (docs/protocol.md §8) and `Progress` (a one-line
 bar on a TTY, silent otherwise).
 
 pp fields (None elsewhere): `stage0_ms` = Phase A + C wall time of the chunk on rank0,

@@ -1,7 +1,7 @@
 """The per-chunk phase plan and the exact inputs of Phase B.
 
 Owns: `PhasePlan` (computed once on the driving side and asserted against the calls actually
-made), `GeneratorInputs` (exactly the scalars and tensors that protocol.md lists for an envelope,
+made), `GeneratorInputs` (exactly the scalars and tensors that docs/protocol.md lists for an envelope,
 nothing else), `mix_seed` and `seeded_normal`. The rules a plan must obey are not coded here:
 `GeneratorInputs.check` runs the protocol's one rulebook (`protocol.rules.check_generator_plan`)
 on its own fields, so rank0 before shipping, the receiver from the meta and the generator before
@@ -73,7 +73,7 @@ def chunk_plan(cfg: RunConfig, *, init: bool, soft_active: bool) -> tuple[PhaseP
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GeneratorInputs:
-    """Everything Phase B receives: the payload fields of an envelope (protocol.md §4).
+    """Everything Phase B receives: the payload fields of an envelope (docs/protocol.md §4).
 
     Ids travel beside it in `Ids`; pixel video never appears here.
     """

@@ -1,6 +1,6 @@
 """The `pp` topology: rank0 out of the mesh (Stage 0 = Phase A + C), ranks 1..N-1 run Phase B.
 
-Owns: `run_pp(cfg, launch, stop)`, one rank's startup and role. Roles (protocol.md §5): rank0 =
+Owns: `run_pp(cfg, launch, stop)`, one rank's startup and role. Roles (docs/protocol.md §5): rank0 =
 Stage 0, owns the video and metrics, never loads the generator and never touches `mesh_pg`;
 global rank 1 = mesh leader; ranks 2..N-1 = mesh peers (TP inside `mesh_pg` when N-1 > 1, PP1;
 PP0 is a mesh of one). Startup, before any inference, on every rank: groups (world, mesh, link),

@@ -2,7 +2,7 @@
 
 Owns: `StageLink`. Envelopes go out on a `P2PChannel` over the world group, results come back on
 a second `P2PChannel` over the `link` group ({rank0, leader}). Each channel is owned by one
-thread for its whole life (protocol.md §2): the sender thread takes envelopes from `D_in`, the
+thread for its whole life (docs/protocol.md §2): the sender thread takes envelopes from `D_in`, the
 receiver thread puts results into `D_out`. Two directions on two threads is what lets envelope
 k+1 travel while result k is on its way back: one thread doing blocking sends and receives in a
 fixed order would deadlock as soon as the next envelope depends on the previous result (r0a).

@@ -6,7 +6,7 @@ re-broadcast it to the mesh on `mesh_pg`, run its Phase B shard, send the result
 broadcast with that same loop and no relay. Every Phase B collective runs on `mesh_pg`, named
 "mesh" (the wrappers refuse any other group, OM-08).
 
-Anti-stranding (protocol.md §3, OM-07): the leader validates a whole envelope (the channel does,
+Anti-stranding (docs/protocol.md §3, OM-07): the leader validates a whole envelope (the channel does,
 from the meta alone, before allocating) before it re-broadcasts anything. An envelope it must
 reject becomes a terminal ERROR broadcast to the mesh — peers exit cleanly with the peer-abort
 code, never having seen a payload header — and an ERROR result tells rank0. A failure inside

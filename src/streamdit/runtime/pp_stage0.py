@@ -2,7 +2,7 @@
 
 Owns: `drive_pipelined()`, rank0's chunk loop. Up to `queue_depth` (D) envelopes are in flight:
 envelope k+1 is prepared and sent before result k is decoded, and a full pipeline blocks Phase A
-(nothing fresh is ever dropped). Results are accepted by protocol.md §4: a result of an older
+(nothing fresh is ever dropped). Results are accepted by docs/protocol.md §4: a result of an older
 `cache_epoch` is dropped (counted, logged, never decoded); any other result must be the oldest
 envelope in flight (ids echoed), with the planned call count, the envelope's latent shape and
 finite values.
@@ -178,7 +178,7 @@ class PipelinedDriver:
         )
 
     def _accept(self, result: PPResultV1, item: InFlight) -> torch.Tensor:
-        """protocol.md §4 acceptance: ids of the oldest envelope in flight, call count, latents."""
+        """docs/protocol.md §4 acceptance: ids of the oldest envelope in flight, call count, latents."""
         ids, kw = item.ids, dict(group="link", **id_kwargs(item.ids))
         if (result.call_id, result.chunk_index) != (ids.call_id, ids.chunk_index):
             raise StaleResult(

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from streamdit.config import LaunchEnv, RunConfig
-from streamdit.errors import OrphanedError, PeerAbort, PeerLost
+from streamdit.errors import OrphanedError, PeerAbort, PeerLost, Poisoned, mark_hard_exit
 from streamdit.parallel.collectives import all_gather_bytes, gather_at_startup
 from streamdit.parallel.groups import Groups, destroy_groups, init_groups
 from streamdit.runtime.build import ValidatedRun, validate_run
@@ -162,6 +162,8 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
         # The first failing rank is told from the ranks that merely followed by these records.
         flight.record({"name": "fatal", "detail": f"{type(cause).__name__}: {str(cause)[:500]}"})
         log.error("flight record: %s", flight.dump(flight_path))
+        if not session.destroy_groups:
+            mark_hard_exit(cause)
         if cause is not exc:
             raise cause from exc
         raise
@@ -171,6 +173,8 @@ def rank_session(cfg: RunConfig, launch: LaunchEnv, *, topology: str) -> Iterato
             destroy_groups(groups)
         else:
             log.critical("poisoned: process groups left as they are (no further dist calls)")
+    if not session.destroy_groups:  # a clean stream whose comm threads did not join
+        raise mark_hard_exit(Poisoned("the stream ended but its comm threads did not join"))
 
 
 def agree_run_id(groups: Groups, *, bound_s: float) -> str:

@@ -11,7 +11,7 @@ import logging
 
 from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
-from streamdit.runtime.build import ValidatedRun, build_stage0_parts, load_input_frames, validate_run
+from streamdit.runtime.build import ValidatedRun, build_stage0_parts, open_input_video, validate_run
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
@@ -30,8 +30,8 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
 
     `live` (serve): prompts come from its live timeline, and the stream runs until stopped (or
     until the input video ends)."""
-    input_frames, chunks = load_input_frames(run)
-    if live is not None and input_frames is None:
+    input_video, chunks = open_input_video(run)
+    if live is not None and input_video is None:
         chunks = LIVE_CHUNKS
     text, vae, tiny = build_stage0_parts(run)
     stage0 = Stage0(
@@ -43,7 +43,7 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
         scheduler=FlowMatchScheduler(shift=run.cfg.shift, warp=run.cfg.recipe_spec.warp_timesteps),
         device=run.device,
         dtype=run.dtype,
-        input_frames=input_frames,
+        input_video=input_video,
     )
     return stage0, chunks
 

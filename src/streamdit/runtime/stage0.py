@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from streamdit.config import RunConfig
+from streamdit.media import VideoSource
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.taehv import StreamingTinyDecoder, TinyVideoDecoder
 from streamdit.model.text import TextEncoder, blend
@@ -57,7 +58,7 @@ class Stage0:
         scheduler: FlowMatchScheduler,
         device: torch.device,
         dtype: torch.dtype,
-        input_frames: np.ndarray | None = None,
+        input_video: VideoSource | None = None,
         tiny_decoder: TinyVideoDecoder | None = None,
     ) -> None:
         self.cfg = cfg
@@ -67,7 +68,7 @@ class Stage0:
         self.scheduler = scheduler
         self.device = device
         self.dtype = dtype
-        self.input_frames = input_frames
+        self.input_video = input_video
         self.recipe = cfg.recipe_spec
         self.tiny_decoder = tiny_decoder
         # --vae tiny: the TAEHV decoder shows the frames (the recipe's VAE time-cache rule is
@@ -85,7 +86,6 @@ class Stage0:
         self.next_call_id = 0
         self._text_s = 0.0  # text-encoder seconds of the chunk being prepared
         self.next_start_frame = 0
-        self.input_pos = 0
         # Bounded: a live stream with many prompt changes must not grow GPU memory without end.
         self._cond_cache: OrderedDict[CondKey, torch.Tensor] = OrderedDict()
         self._last_cond_key: CondKey | None = None
@@ -222,7 +222,7 @@ class Stage0:
     def _start_latents(self, base_seed: int, *, first: bool) -> torch.Tensor:
         shape = (1, self.cfg.frames_per_chunk, LATENT_CHANNELS, *self.latent_hw)
         noise = seeded_normal(mix_seed(base_seed, NOISE_STREAM), shape, device=self.device, dtype=self.dtype)
-        if self.input_frames is None:
+        if self.input_video is None:
             return noise
         # Video-to-video: the chunk's input frames, encoded and noised to the first step's sigma.
         z = self.encoder.encode_chunk(self._next_input_pixels(first))
@@ -230,14 +230,12 @@ class Stage0:
         return self.scheduler.renoise(z.to(self.dtype), noise, sigma)
 
     def _next_input_pixels(self, first: bool) -> torch.Tensor:
-        assert self.input_frames is not None
-        n = pixel_frames(self.cfg.frames_per_chunk, first_chunk=first)
-        clip = self.input_frames[self.input_pos : self.input_pos + n]
-        self.input_pos += n
+        assert self.input_video is not None
+        clip = self.input_video.read(pixel_frames(self.cfg.frames_per_chunk, first_chunk=first))
         return frames_to_pixels(clip, self.device, self.dtype)
 
     def _context(self, start: int) -> torch.Tensor:
-        """Anchor + most recent clean latents (model.md, "Recompute")."""
+        """Anchor + most recent clean latents (docs/model.md, "Recompute")."""
         assert self.first_latent is not None and self.recent_latents is not None
         young = start - self.cfg.frames_per_chunk < self.cfg.context_frames
         if young or self.decoded_window is None:
@@ -298,12 +296,14 @@ def rehearse(stage0: Stage0, max_chunks: int) -> int:
         scheduler=stage0.scheduler,
         device=stage0.device,
         dtype=stage0.dtype,
-        input_frames=stage0.input_frames,
+        input_video=None if stage0.input_video is None else stage0.input_video.fresh(),
         tiny_decoder=stage0.tiny_decoder,
     )
     for k in range(chunks):
         _, inputs, _ = twin.prepare(k)
         twin.finish(inputs.latents)
+    if twin.input_video is not None:
+        twin.input_video.close()
     return chunks
 
 

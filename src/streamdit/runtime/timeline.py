@@ -87,7 +87,13 @@ class Timeline:
     @classmethod
     def load(cls, path: Path) -> Timeline:
         """Read and validate a .json or .toml timeline; any malformed file is a ConfigError
-        naming it (too large, not UTF-8, not parseable, nested too deep, a number too long)."""
+        naming it (too large, not UTF-8, not parseable, nested too deep, a number too long), and
+        a file of another suffix is refused, not guessed at (YAML would parse as broken JSON)."""
+        if path.suffix not in (".json", ".toml"):
+            raise ConfigError(
+                f"timeline {path}: {path.suffix or 'no suffix'} is not a timeline format (write it "
+                "as .toml or .json) [field=timeline]"
+            )
         try:
             if path.stat().st_size > MAX_TIMELINE_BYTES:
                 raise ConfigError(

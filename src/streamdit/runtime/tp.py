@@ -85,7 +85,7 @@ def run_tp(
 
 
 def parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
-    """The job-wide parity keys of protocol.md §6 (also used by pp)."""
+    """The job-wide parity keys of docs/protocol.md §6 (also used by pp)."""
     items = run.cfg.parity_items()
     items.update(
         {

@@ -1,4 +1,4 @@
-"""Drift tripwires of the generator group (protocol.md §10), shared by the tp and pp topologies.
+"""Drift tripwires of the generator group (docs/protocol.md §10), shared by the tp and pp topologies.
 
 Owns: `Tripwires` — input digest parity (every rank digests the Phase B inputs it acts on),
 output digest parity of the generator's latents, and weight fingerprints re-checked on every
