@@ -26,10 +26,13 @@ import sys
 import time
 from pathlib import Path
 
+from streamdit.runtime.metrics import read_metrics
+
 HEALTH = re.compile(r"compile warm-up ([\d.]+) s: CompileCounters\((.*)\)")
 # what the job loaded (weights, text source): the evidence of what was measured
 LOADED = re.compile(
-    r"streamdit\.runtime\.build: ((?:DiT weights|VAE weights|VAE latent|text encoder|text emb|text:).*)"
+    r"streamdit\.runtime\.build: "
+    r"((?:DiT weights|VAE weights|VAE latent|VAE decoder|text encoder|text emb|text:).*)"
 )
 
 
@@ -64,7 +67,7 @@ def run_job(name: str, flags: str, args: argparse.Namespace) -> dict:
     row["loaded"] = LOADED.findall(proc.stderr)
     if proc.returncode != 0:
         return {**row, "error": f"exit {proc.returncode}", "tail": proc.stderr[-3000:]}
-    every = [json.loads(line) for line in metrics.read_text().splitlines()]
+    every = read_metrics(metrics).chunks
     if "emit_s" not in every[0]:  # a baseline without the writer thread: a serial loop
         return {**row, **summarize_serial(every[args.skip :])}
     summary = summarize(every[args.skip :], every)

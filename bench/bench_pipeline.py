@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from streamdit.cli import main as streamdit_main
+from streamdit.runtime.metrics import read_metrics
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -59,7 +60,7 @@ def main() -> int:
         )
         if rc != 0:
             return rc
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+        rows = read_metrics(metrics).chunks
     result = {
         "bench": "pipeline_phases",
         "command": shlex.join([sys.executable, *sys.argv]),

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from streamdit.runtime.metrics import read_metrics
+
 
 def run_job(args: argparse.Namespace, depth: int, recompute: str, work: Path) -> dict:
     metrics = work / f"m_d{depth}_{recompute}.jsonl"
@@ -42,7 +44,7 @@ def run_job(args: argparse.Namespace, depth: int, recompute: str, work: Path) ->
     wall = time.monotonic() - t0
     if proc.returncode != 0:
         return {"depth": depth, "recompute": recompute, "error": proc.stderr[-3000:], "wall_s": wall}
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()][args.skip :]
+    rows = read_metrics(metrics).chunks[args.skip :]
     return {
         "depth": depth,
         "recompute": recompute,

@@ -101,6 +101,49 @@ tune17)
     python bench/bench_generator.py --preset wan-14b --variants compile-max-autotune --fp8 --profile \
         --out "$OUT/generator_max_autotune_fp8_h200.json"
     ;;
+vae17a)
+    # issue 17, third pass (a first look, run on an earlier code step: every conv folded, the
+    # taps stacked through a cat; vae_320x576_compiled_first_look_h200.json): the Wan decoder
+    # eager vs folded time taps vs the compiled decode step, with kernel profiles; one wan-14b
+    # job through the compiled decoder
+    timeout 380 python bench/bench_vae.py --height 320 --width 576 --profile \
+        --variants channels_last,folded,compiled,compiled_folded --out "$OUT/vae_320x576_compiled_h200.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_vae17a_smoke.json" --skip 2 --job-timeout 170 \
+        --job "compiled-vae=${WAN[*]} --chunks 8"
+    ;;
+vae17)
+    # issue 17, third pass: the Wan decoder eager vs compiled (one graph per decode-step
+    # variant), with / without its narrow convs folded into 2-D convs, kernel profiles; then the
+    # wan-14b jobs side by side with the landed default (.base/src). The bf16 / fp8 jobs run the
+    # faster compiled decoder of this run: this tree (folds) or .variant/src (a copy of it with
+    # the fold line of runtime/build.py deleted)
+    timeout 300 python bench/bench_vae.py --height 320 --width 576 --profile \
+        --variants channels_last,folded,compiled,compiled_folded --out "$OUT/vae_320x576_compiled_h200.json"
+    best=$(python -c "import json,sys; r=json.load(open(sys.argv[1]))['ms_per_chunk_of_3_latents']
+print('src' if r.get('wan_compiled_folded', 1e9) <= r.get('wan_compiled', 1e9) else '.variant/src')" \
+        "$OUT/vae_320x576_compiled_h200.json")
+    echo "e2e decoder tree: $best"
+    W="${WAN[*]} --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_vae17.json" --skip 2 --job-timeout 150 \
+        --src before=.base/src --src bf16="$best" --src fp8="$best" \
+        --job "before=$W" --job "bf16=$W" --job "fp8=$W --fp8" --job "fp8-tiny=$W --fp8 --vae tiny"
+    ;;
+vae17b)
+    # issue 17, third pass at 480x832 (a call of its own: the cold compile of the decoder at
+    # this size took longer than vae17 had left): the decoder eager vs compiled, then wan-1.3b
+    # (Self-Forcing's setting) side by side with the landed default (.base/src)
+    timeout 260 python bench/bench_vae.py --height 480 --width 832 \
+        --variants channels_last,compiled_folded --out "$OUT/vae_480x832_compiled_h200.json"
+    SF="--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --compile --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan13b_480x832_h200_vae17.json" --skip 2 --job-timeout 240 \
+        --src 1.3b-before=.base/src --job "1.3b-before=$SF" --job "1.3b=$SF"
+    ;;
+vae17c)
+    # issue 17: the compiled decoder at 480x832 without the folds, from a cold cache (in vae17b
+    # the folded variant's cold compile did not finish in 260 s)
+    timeout 200 python bench/bench_vae.py --height 480 --width 832 \
+        --variants compiled --out "$OUT/vae_480x832_compiled_nofold_h200.json"
+    ;;
 *)
     echo "unknown stage $stage" >&2
     exit 2

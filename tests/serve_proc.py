@@ -31,15 +31,17 @@ TINY = ["--height", "64", "--width", "96", "--no-progress"]
 
 
 class ServeProcess:
-    def __init__(self, tmp: Path, *args: str, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, tmp: Path, *args: str, start_timeout: float = 60.0, hooks: dict[str, str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.log_path = tmp / "serve.log"
         cmd = [sys.executable, "-m", "streamdit", "serve", "--port", "0", *TINY, *args]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in __exit__
+        environment = env(PYTHONUNBUFFERED="1", **(hooks or {}))
         self.proc = subprocess.Popen(
-            cmd, cwd=tmp, env=env(PYTHONUNBUFFERED="1"), stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
+            cmd, cwd=tmp, env=environment, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.url, self.token = self._await_url(start_timeout)
         self.page_url = f"{self.url}?token={self.token}"  # what a person opens: sets the cookie
         self.auth = {"Authorization": f"Bearer {self.token}"}

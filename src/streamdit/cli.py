@@ -37,13 +37,12 @@ from streamdit.errors import (
     StreamditError,
     needs_hard_exit,
 )
-from streamdit.flags import DefaultsHelp, add_run_flags, check_no_effect, config_from_args, port_number
+from streamdit.flags import DefaultsHelp, add_run_flags, check_no_effect, config_from_args
 from streamdit.runtime.live import STOP_OVER_HTTP
 from streamdit.runtime.liveness import StopFlag
 
 if TYPE_CHECKING:
     from streamdit.runtime.driver import RunSummary
-    from streamdit.runtime.live import LiveStream
 
 
 log = logging.getLogger("streamdit")
@@ -54,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"streamdit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="generate a video chunk by chunk", formatter_class=DefaultsHelp)
-    add_run_flags(run)
+    add_run_flags(run, "run")
     matrix = sub.add_parser("matrix", help="run the operator test matrix (break-it rows) here")
     matrix.add_argument("--only", default=None, help="comma-separated row ids, e.g. OM-01,OM-13")
     matrix.add_argument("--json", type=Path, default=None, help="write the results as JSON")
@@ -84,11 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve", help="live generation in a browser, steered while it runs", formatter_class=DefaultsHelp
     )
-    add_run_flags(serve)
+    add_run_flags(serve, "serve")
     serve.set_defaults(out=None)  # serve records a video only when --out is given
-    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (rank0)")
-    serve.add_argument("--port", type=port_number, default=8000, help="port to listen on (0 = any free port)")
-    serve.add_argument("--start-paused", action="store_true", help="wait for start on the page")
     enc = sub.add_parser(
         "encode-text", help="precompute prompt embeddings with a local umT5 (for --text-embeddings)"
     )
@@ -240,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _install_drain_handlers(stop)
     try:
         cfg = config_from_args(args)
-        check_no_effect(args, _given(argv))
+        check_no_effect(cfg, args.command, _given(argv))
         if args.command == "run":
             _check_timeline_reach(cfg)
         apply_environment(cuda_loading_defaults(cfg.topology))  # before anything starts CUDA
@@ -259,15 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve" and launch.rank == 0:
             from streamdit.serve.main import serve_rank0
 
-            summary = serve_rank0(
-                cfg,
-                stop,
-                lambda live: _run(cfg, launch, stop, live),
-                host=args.host,
-                port=args.port,
-                start_paused=args.start_paused,
-                record_video=args.out is not None,
-            )
+            summary = serve_rank0(cfg, stop, launch, record_video=args.out is not None)
         else:
             summary = _run(cfg, launch, stop)
     except ConfigError as exc:
@@ -331,21 +319,10 @@ def _leave(exc: BaseException, code: int) -> int:
     return code
 
 
-def _run(
-    cfg: RunConfig, launch: LaunchEnv, stop: StopFlag, live: LiveStream | None = None
-) -> RunSummary | None:
-    # heavy imports only after the flags validated
-    if cfg.topology == "tp":
-        from streamdit.runtime.tp import run_tp
+def _run(cfg: RunConfig, launch: LaunchEnv, stop: StopFlag) -> RunSummary | None:
+    from streamdit.api import Stream  # heavy imports only after the flags validated
 
-        return run_tp(cfg, launch, stop, live)
-    if cfg.topology == "pp":
-        from streamdit.runtime.pp import run_pp
-
-        return run_pp(cfg, launch, stop, live)
-    from streamdit.runtime.single import run_single
-
-    return run_single(cfg, stop, live)
+    return Stream(cfg, stop=stop, launch=launch).run()
 
 
 def _report(summary: RunSummary | None) -> int:
@@ -371,8 +348,20 @@ def _report(summary: RunSummary | None) -> int:
     where = f"wrote {summary.frames} frames ({summary.chunks} chunks) to {summary.out}"
     if summary.out is None:
         where = f"served {summary.frames} frames ({summary.chunks} chunks)"
-    print(f"{where} in {summary.seconds:.1f} s{pp}")
+    print(f"{where} in {summary.seconds:.1f} s ({_timing(summary)}){pp}")
     return 0
+
+
+def _timing(summary: RunSummary) -> str:
+    """Where the time went: startup (build, load, compile, warm-up), first frame, delivered FPS."""
+    parts = []
+    if summary.startup_s is not None:
+        parts.append(f"startup {summary.startup_s:.1f} s")
+    if summary.first_frame_s is not None:
+        parts.append(f"first frame after {summary.first_frame_s:.2f} s")
+    if summary.fps is not None:
+        parts.append(f"{summary.fps:.1f} FPS")
+    return ", ".join(parts) or "no chunk written"
 
 
 if __name__ == "__main__":

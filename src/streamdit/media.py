@@ -257,27 +257,55 @@ def count_video_frames(path: Path) -> int:
         raise ConfigError(f"input video {path} failed to read: {exc} [field=input_video]") from exc
 
 
+class FrameSource(Protocol):
+    """Where Phase A's video-to-video frames come from: a file (`VideoSource`) or frames that
+    arrive while the stream runs (`runtime.live.LiveFrames`)."""
+
+    def read(self, n: int) -> np.ndarray: ...  # the next n frames, uint8 [n, H, W, 3]
+
+    def fresh(self) -> FrameSource: ...  # the same source from its start (a rehearsal's copy)
+
+    def close(self) -> None: ...
+
+
 class VideoSource:
     """An input video's frames decoded on demand, resized to height x width, as uint8
     [T, H, W, 3]: a stream holds one chunk's frames at a time, never the whole file.
 
     The file is opened at the first `read` (the constructor only records what to open) and
     closed at its end or by `close()`; `fresh()` is the same video from its first frame (a
-    rehearsal must not consume the stream's frames).
+    rehearsal must not consume the stream's frames). `loop` (serve): at its end the file starts
+    over, so a live stream outlives its input file.
     """
 
-    def __init__(self, path: Path, *, height: int, width: int, frames: int) -> None:
+    def __init__(self, path: Path, *, height: int, width: int, frames: int, loop: bool = False) -> None:
         self.path, self.height, self.width = path, height, width
         self.frames = frames  # counted at validation (`count_video_frames`)
+        self.loop = loop
         self.position = 0
         self._container: av.container.InputContainer | None = None
         self._decoded: Iterator[av.VideoFrame] | None = None
 
     def fresh(self) -> VideoSource:
-        return VideoSource(self.path, height=self.height, width=self.width, frames=self.frames)
+        return VideoSource(
+            self.path, height=self.height, width=self.width, frames=self.frames, loop=self.loop
+        )
 
     def read(self, n: int) -> np.ndarray:
         """The next `n` frames; ConfigError if the file holds fewer than it was counted with."""
+        out = self._decode(n)
+        if len(out) < n and self.loop:
+            self.close()  # from its first frame again
+            out += self._decode(n - len(out))
+        if len(out) < n:
+            raise ConfigError(
+                f"input video {self.path} ended at frame {self.position + len(out)}; "
+                f"{self.frames} were counted [field=input_video]"
+            )
+        self.position += n
+        return np.stack(out)
+
+    def _decode(self, n: int) -> list[np.ndarray]:
         if self._decoded is None:
             self._container = av.open(str(self.path))
             self._decoded = self._container.decode(video=0)
@@ -287,13 +315,7 @@ class VideoSource:
                 out.append(frame.reformat(width=self.width, height=self.height, format="rgb24").to_ndarray())
         except av.FFmpegError as exc:
             raise ConfigError(f"input video {self.path} failed to decode: {exc} [field=input_video]") from exc
-        if len(out) < n:
-            raise ConfigError(
-                f"input video {self.path} ended at frame {self.position + len(out)}; "
-                f"{self.frames} were counted [field=input_video]"
-            )
-        self.position += n
-        return np.stack(out)
+        return out
 
     def close(self) -> None:
         if self._container is not None:

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from ranks import GEOM, collect, env, start_ranks
+from streamdit.runtime.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(150)
 FLAGS = ["--watchdog-window", "3", "--dist-timeout", "10", "--chunks", "40", "--no-progress"]
@@ -42,7 +43,7 @@ def _launch(tmp_path: Path, topology: str, nproc: int) -> tuple[subprocess.Popen
 
 
 def _rows(metrics: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return read_metrics(metrics).chunks if metrics.exists() else []
 
 
 def _wait_rows(proc: subprocess.Popen, metrics: Path, n: int = 2) -> None:

@@ -29,6 +29,7 @@ import pytest
 
 from ranks import collect, env, free_port, start_ranks
 from streamdit.media import strict_frames
+from streamdit.runtime.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(120)
 WINDOW_S = 3.0
@@ -38,7 +39,7 @@ FLAGS = ["--watchdog-window", str(WINDOW_S), "--chunks", "40"]
 def _wait_for_chunks(metrics: Path, n: int, procs: list, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= n:
+        if metrics.exists() and len(read_metrics(metrics).chunks) >= n:
             return
         dead = [p.returncode for p in procs if p.poll() is not None]
         assert not dead, f"a rank exited early: {dead}: {procs[0].communicate()[0][-3000:]}"
@@ -47,7 +48,7 @@ def _wait_for_chunks(metrics: Path, n: int, procs: list, timeout: float = 60) ->
 
 
 def _frames_in_metrics(metrics: Path) -> int:
-    return sum(json.loads(line)["frames"] for line in metrics.read_text().splitlines())
+    return sum(row["frames"] for row in read_metrics(metrics).chunks)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ def test_sigterm_to_rank0_drains_and_every_rank_exits_0(tmp_path: Path, topology
         assert o.code == 0, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
         assert o.seconds - (t_term - t0) < 30
     assert "interrupted (SIGTERM)" in outcomes[0].log
-    rows = metrics.read_text().splitlines()
+    rows = read_metrics(metrics).chunks
     assert 2 <= len(rows) < 40
     assert np.load(tmp_path / "v.npy").shape[0] == _frames_in_metrics(metrics)
 
@@ -227,7 +228,7 @@ def test_a_whole_job_frozen_past_the_window_resumes_without_a_false_verdict(tmp_
     for o in outcomes:
         assert o.code == 0, f"rank {o.rank} exited {o.code}:\n{o.log[-3000:]}"
         assert "not scheduled for" in o.log, o.log[-3000:]  # the stall was seen, not slept through
-    assert len(metrics.read_text().splitlines()) == 8
+    assert len(read_metrics(metrics).chunks) == 8
     assert np.load(tmp_path / "v.npy").shape[0] == _frames_in_metrics(metrics)
 
 
@@ -275,7 +276,7 @@ def test_a_watchdog_abort_closes_the_mp4_with_every_chunk_generated(tmp_path: Pa
         os.killpg(procs[1].pid, signal.SIGKILL)
     collect(procs[1:], t0)
     assert rank0.code == 6, rank0.log[-3000:]
-    rows = metrics.read_text().splitlines()
+    rows = read_metrics(metrics).chunks
     generated = len(list((tmp_path / "lat").glob("chunk*.npy")))
     assert len(rows) == generated >= 2
     assert strict_frames(out) == _frames_in_metrics(metrics) == 9 + 12 * (generated - 1)
@@ -358,4 +359,4 @@ def test_startup_skew_is_bounded_by_the_startup_timeout_not_the_dist_timeout(tmp
     collect([first[1], late[0]], t0)
     for o in outcomes:
         assert o.code == 0, f"exited {o.code}:\n{o.log[-3000:]}"
-    assert len(metrics.read_text().splitlines()) == 3
+    assert len(read_metrics(metrics).chunks) == 3

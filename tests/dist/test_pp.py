@@ -26,6 +26,7 @@ import pytest
 
 from streamdit.protocol.header import Action
 from streamdit.runtime.inspect import inspect_records
+from streamdit.runtime.metrics import read_metrics
 
 from ranks import BOUND_S, GEOM, TIMELINE, all_failed_fast, latents, run_cli, single_reference, spawn_ranks
 
@@ -36,7 +37,7 @@ STAGE0_MS, STAGE1_MS = 150, 250
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_metrics(path).chunks
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +167,10 @@ def test_om09_results_in_flight_at_an_immediate_cut_are_dropped_not_decoded(tmp_
     assert "dropped stale result call_id=2 chunk_index=2 cache_epoch=0" in rank0.log
     # only decoded chunks are in the video; an epoch starts with a 9-frame chunk
     assert np.load(tmp_path / "v.npy").shape[0] == 9 + 9 + 12 + 12
+    summary = read_metrics(tmp_path / "m.jsonl").summary
+    assert summary is not None
+    assert (summary["dropped_stale"], summary["chunks"], summary["frames"]) == (2, 4, 42)
+    assert (summary["outcome"], summary["topology"]) == ("completed", "pp")
 
 
 def _overlap_run(tmp_path: Path, depth: int, recompute: str, hooks: dict[str, str]) -> tuple[float, float, list]:
@@ -179,6 +184,8 @@ def _overlap_run(tmp_path: Path, depth: int, recompute: str, hooks: dict[str, st
     rows = _rows(metrics)[2:]  # after warm-up
     period = statistics.median(r["period_ms"] for r in rows)
     score = float(outcomes[0].log.split("overlap_score=", 1)[1].split()[0])
+    summary = read_metrics(metrics).summary
+    assert summary is not None and summary["overlap_score"] == pytest.approx(score, abs=1e-3)
     return period, score, rows
 
 

@@ -26,6 +26,7 @@ from streamdit.model.dit import CausalWanDiT
 from streamdit.model.presets import get_dit_config
 from streamdit.model.text_embeddings import save_text_embeddings
 from streamdit.model.vae import CausalVideoVAE, get_vae_config
+from streamdit.runtime.metrics import read_metrics
 
 from ranks import GEOM, latents, run_cli
 from recipe_loops import rel_err, run_reference
@@ -103,7 +104,7 @@ def test_single_equals_the_reference_loop(recipe: str, files: dict[str, Path], s
     want = np.concatenate(ref_frames)
     assert frames.shape == want.shape, (frames.shape, want.shape)
     assert np.abs(frames.astype(int) - want.astype(int)).max() <= 1
-    rows = [json.loads(line) for line in video.with_suffix(".jsonl").read_text().splitlines()]
+    rows = read_metrics(video.with_suffix(".jsonl")).chunks
     assert [r["frames"] for r in rows] == [f.shape[0] for f in ref_frames]
     assert [r["cache_epoch"] for r in rows] == [0] * 6 + [1] * 2
 

@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from ranks import BOUND_S, GEOM, TIMELINE, all_failed_fast, latents, run_cli, single_reference, spawn_ranks
+from streamdit.runtime.metrics import read_metrics
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -54,7 +55,7 @@ def test_tp_matches_single_process(tmp_path: Path, single_run, nproc: int) -> No
     frames_tp, frames_single = np.load(out), np.load(ref_video)
     assert frames_tp.shape == frames_single.shape
     assert np.abs(frames_tp.astype(int) - frames_single.astype(int)).max() <= 1  # uint8 rounding
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = read_metrics(metrics).chunks
     assert [r["cache_epoch"] for r in rows] == [0, 0, 0, 0, 1, 1]
     assert [r["generator_calls"] for r in rows] == [4, 5, 5, 5, 4, 5]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat", "m.jsonl", "tl.json", "v.npy"]  # rank0 only

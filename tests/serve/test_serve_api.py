@@ -88,6 +88,52 @@ def test_hard_cut_bumps_the_epoch_and_soft_keeps_it(server: ServeProcess) -> Non
     assert server.status()["cache_epoch"] == epoch + 1
 
 
+def test_a_second_change_before_the_boundary_is_409_until_replaced_and_cancel_withdraws(
+    server: ServeProcess,
+) -> None:
+    assert server.post("/pause").status_code == 200
+    server.wait_for(lambda s: s["idle"], "the loop idling at a boundary")
+    try:
+        assert server.post("/prompt", {"prompt": "a city at night", "transition": "hard"}).status_code == 202
+        r = server.post("/prompt", {"prompt": "a quiet lake"})
+        assert r.status_code == 409 and "a change is already waiting" in r.json()["error"], r.text
+        assert "[field=replace]" in r.json()["error"]
+        st = server.status()
+        assert (st["pending_prompt"], st["pending_transition"]) == ("a city at night", "hard")
+        r = server.post("/prompt", {"prompt": "a quiet lake", "replace": "yes"})
+        assert r.status_code == 422 and "replace must be true or false" in r.json()["error"]
+        assert server.post("/prompt", {"prompt": "a quiet lake", "replace": True}).status_code == 202
+        assert server.status()["pending_prompt"] == "a quiet lake"
+        assert server.post("/prompt/cancel").json() == {"cancelled": "a quiet lake"}
+        assert server.post("/prompt/cancel").json() == {"cancelled": None}
+        assert server.status()["pending_prompt"] is None
+    finally:
+        server.post("/start")
+
+
+def test_health_needs_no_token_and_metrics_speak_prometheus(server: ServeProcess) -> None:
+    import httpx
+
+    r = httpx.get(server.url + "health", timeout=10)  # no cookie, no bearer: a load balancer's probe
+    assert r.status_code == 200, r.text
+    assert r.json()["healthy"] is True and r.json()["state"] in ("running", "paused")
+    assert httpx.get(server.url + "metrics", timeout=10).status_code == 401  # the rest keeps its token
+    r = server.http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    samples = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples["streamdit_up"] == 1.0 and samples['streamdit_rank_up{rank="0"}'] == 1.0
+    assert samples["streamdit_frames_total"] >= 24 and samples["streamdit_fps"] > 0
+    assert (
+        samples['streamdit_chunk_period_milliseconds{quantile="0.99"}']
+        >= samples['streamdit_chunk_period_milliseconds{quantile="0.5"}']
+    )
+    assert "# TYPE streamdit_frames_total counter" in r.text
+
+
 def test_pause_holds_the_stream_and_start_resumes_it(server: ServeProcess) -> None:
     assert server.post("/pause").json() == {"state": "paused"}
     st = server.wait_for(lambda s: s["idle"], "the loop idling at a boundary")
@@ -183,3 +229,18 @@ def test_sigterm_while_paused_drains_and_exits_zero(tmp_path: Path) -> None:
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(timeout=30) == 0, s.log()
         assert time.monotonic() - t0 < 10, s.log()
+
+
+def test_serve_outlives_its_input_file_which_starts_over(tmp_path: Path) -> None:
+    import numpy as np
+
+    from streamdit.media import open_writer
+
+    clip = tmp_path / "short.mp4"
+    writer = open_writer(clip, height=64, width=96, fps=16)
+    writer.write(np.random.default_rng(0).integers(0, 256, (21, 64, 96, 3), dtype=np.uint8))
+    writer.close()  # 21 frames: exactly the first two chunks of a run
+    with ServeProcess(tmp_path, "--input-video", str(clip)) as server:
+        st = server.wait_for(lambda s: (s["chunk_index"] or 0) >= 4, "chunks past the file's end")
+        assert st["state"] == "running" and server.proc.poll() is None
+        assert server.stop() == 0, server.log()

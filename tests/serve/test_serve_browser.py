@@ -57,10 +57,14 @@ def test_page_streams_frames_and_steers_the_stream(page: Page, tmp_path: Path) -
         assert first != second
         expect(page.locator("#epoch")).to_have_text("0", timeout=10_000)
 
+        expect(page.locator("#transition")).to_have_value("soft")  # the API's default too
         page.fill("#prompt", "a lighthouse in a storm")
         page.select_option("#transition", "hard")
         page.click("#send")
-        expect(page.locator("#message")).to_contain_text("/prompt", timeout=10_000)
+        expect(page.locator("#message")).to_contain_text(
+            '"a lighthouse in a storm" starts at', timeout=10_000
+        )
+        expect(page.locator("#message")).to_contain_text("with a hard cut.")
         expect(page.locator("#epoch")).to_have_text("1", timeout=60_000)
         expect(page.locator("#current-prompt")).to_contain_text("a lighthouse in a storm")
 
@@ -74,10 +78,26 @@ def test_page_streams_frames_and_steers_the_stream(page: Page, tmp_path: Path) -
         page.screenshot(path=str(shot), full_page=True)
         assert shot.stat().st_size > 10_000
 
-        # a bad prompt from the page: a clear message, the stream goes on
-        page.fill("#prompt", " ")
+        # while one change waits for the boundary, another is refused until replaced explicitly
+        page.click("#pause")
+        expect(page.locator("#state")).to_have_text("paused", timeout=10_000)
+        page.fill("#prompt", "a quiet harbour")
+        page.select_option("#transition", "soft")
         page.click("#send")
-        expect(page.locator("#message")).to_contain_text("error 422", timeout=10_000)
+        expect(page.locator("#pending-text")).to_contain_text(
+            '"a quiet harbour" (soft transition)', timeout=10_000
+        )
+        page.fill("#prompt", "a burning forest")
+        page.click("#send")
+        expect(page.locator("#message")).to_contain_text("a change is already waiting", timeout=10_000)
+        assert server.status()["pending_prompt"] == "a quiet harbour"
+        page.click("#replace")
+        expect(page.locator("#pending-text")).to_contain_text('"a burning forest"', timeout=10_000)
+        page.click("#cancel")
+        expect(page.locator("#message")).to_contain_text('withdrew "a burning forest"', timeout=10_000)
+        expect(page.locator("#pending")).to_be_hidden(timeout=10_000)
+        assert server.status()["pending_prompt"] is None
+        page.click("#start")
 
         page.click("#stop")
         assert server.stop() == 0, server.log()
@@ -118,3 +138,124 @@ def test_a_page_of_another_origin_cannot_steer_the_stream(page: Page, tmp_path: 
             assert status["state"] == "paused" and server.proc.poll() is None, status  # not stopped
         finally:
             evil.shutdown()
+
+
+def _boxes(page: Page) -> dict[str, dict]:
+    return {sel: page.locator(sel).bounding_box() for sel in ("#screen", "#steer", "table")}
+
+
+def test_placeholder_then_a_stable_layout_the_last_frame_for_a_new_viewer_and_a_clear_stop(
+    page: Page, tmp_path: Path
+) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with ServeProcess(tmp_path, "--start-paused") as server:
+        page.goto(server.page_url)
+        expect(page.locator("#placeholder")).to_contain_text("press start", timeout=60_000)
+        assert page.evaluate("getComputedStyle(document.querySelector('#frame')).visibility") == "hidden"
+        assert not page.get_attribute("#frame", "src")  # no broken-image icon: nothing to load yet
+        before = _boxes(page)
+        page.screenshot(path=str(ARTIFACTS / "serve_placeholder.png"))
+        page.click("#start")
+        page.wait_for_function(
+            "Number(document.querySelector('#frame').dataset.shown || 0) >= 3", timeout=60_000
+        )
+        expect(page.locator("#placeholder")).to_be_hidden()
+        assert _boxes(page) == before, "the first frame moved the layout"
+        page.screenshot(path=str(ARTIFACTS / "serve_first_frames.png"))
+
+        page.click("#pause")
+        server.wait_for(lambda s: s["idle"], "the loop idling at a boundary")
+        second = page.context.browser.new_page()  # a viewer joining a paused stream sees its last frame
+        second.goto(server.page_url)
+        expect(second.locator("#placeholder")).to_be_hidden(timeout=30_000)
+        assert second.evaluate("getComputedStyle(document.querySelector('#frame')).visibility") == "visible"
+        second.close()
+
+        page.click("#stop")
+        expect(page.locator("#overlay")).to_contain_text("stream stopped", timeout=60_000)
+        expect(page.locator("#badge")).to_have_text("stopped")
+        expect(page.locator("#fps")).to_have_text("-")
+        assert page.locator("#send").is_disabled()
+        page.screenshot(path=str(ARTIFACTS / "serve_stopped.png"))
+        assert server.stop() == 0, server.log()
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.wait_for_timeout(3000)
+        assert requests == [], f"a stopped page keeps asking: {requests}"
+
+
+def test_playback_is_paced_to_a_slow_generation_rate(page: Page, tmp_path: Path) -> None:
+    """Generation at about a third of the page's --fps (a chunk of 12 frames every ~1.6 s): the
+    page shows frames evenly at the measured rate, not a chunk at --fps and then a freeze."""
+    with ServeProcess(tmp_path, hooks={"STREAMDIT_TEST_SLOW_CHUNK_MS": "1500"}) as server:
+        page.goto(server.page_url)
+        page.wait_for_function("window.streamdit.shownAt.length >= 36", timeout=120_000)  # settled
+        start = page.evaluate("window.streamdit.shownAt.length")
+        page.wait_for_function(f"window.streamdit.shownAt.length >= {start + 48}", timeout=120_000)
+        shown = page.evaluate("window.streamdit.shownAt")[start:]
+        fps = server.status()["fps"]
+        page.screenshot(path=str(ARTIFACTS / "serve_paced.png"))
+    intervals = sorted(b - a for a, b in zip(shown, shown[1:], strict=False))
+    expected = 1000 / fps
+    p10, p50, p90 = (intervals[int(q * (len(intervals) - 1))] for q in (0.1, 0.5, 0.9))
+    assert fps < 10, f"generation was not slow: {fps:.1f} FPS"
+    for name, value in (("p10", p10), ("median", p50), ("p90", p90)):
+        assert abs(value - expected) <= 0.2 * expected, (name, value, expected, intervals)
+
+
+def test_the_webcam_reaches_phase_a_and_changes_the_video(tmp_path: Path) -> None:
+    """Chromium's fake camera (a moving test pattern) sent from the page: the stream runs a few
+    chunks on mid-gray input, pauses, the camera starts, the stream resumes. The recording
+    equals the same stream fed mid-gray through the API (same seed) up to the pause, and
+    differs after it: the camera's frames reached Phase A."""
+    import numpy as np
+
+    import streamdit
+    from streamdit.runtime.metrics import read_metrics
+
+    assert CHROMIUM
+    record = tmp_path / "cam.npy"
+    with sync_playwright() as pw:
+        fake = ["--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"]
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=fake)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 700})
+            args = ("--browser-input", "--out", str(record), "--metrics", str(tmp_path / "cam.jsonl"))
+            with ServeProcess(tmp_path, *args) as server:
+                page.goto(server.page_url)
+                expect(page.locator("#input-panel")).to_be_visible(timeout=60_000)
+                server.wait_for(lambda s: (s["chunk_index"] or 0) >= 1, "chunks on gray input")
+                page.click("#pause")
+                gray_until = server.wait_for(lambda s: s["idle"], "the pause")["chunk_index"]
+                assert server.status()["input"]["received"] == 0
+                page.click("#webcam")
+                expect(page.locator("#input-state")).to_have_text("sending the webcam", timeout=30_000)
+                server.wait_for(lambda s: s["input"]["received"] >= 12, "webcam frames at the server")
+                page.click("#start")
+                s = server.wait_for(lambda s: s["input"]["used"] >= 24, "webcam frames used by Phase A")
+                server.wait_for(lambda st: st["chunk_index"] >= s["chunk_index"] + 1, "a chunk after that")
+                page.screenshot(path=str(ARTIFACTS / "serve_webcam.png"))
+                assert server.status()["clients"][0]["input_frames"] > 0
+                assert server.stop() == 0, server.log()
+        finally:
+            browser.close()
+    chunks = len(read_metrics(tmp_path / "cam.jsonl").chunks)
+    gray = tmp_path / "gray.npy"
+    # the CLI's config of that stream (v2v steps included), its chunk count, no frames pushed
+    cfg = streamdit.RunConfig.for_recipe(
+        "streamdit", height=64, width=96, chunks=chunks, out=gray, browser_input=True
+    )
+    assert streamdit.Stream(cfg).run() is not None
+    cam, ref = np.load(record), np.load(gray)
+    assert cam.shape == ref.shape, (cam.shape, ref.shape)
+    before = 9 + 12 * gray_until  # chunks 0..gray_until ran before the camera started
+    diff = np.abs(cam.astype(np.int16) - ref.astype(np.int16))
+    # two processes (thread counts differ): float rounding flips a rare pixel by one level
+    assert diff[:before].max() <= 2 and diff[:before].mean() < 0.01, (
+        diff[:before].max(),
+        diff[:before].mean(),
+    )
+    after = diff[before:].mean()
+    assert after > 100 * max(diff[:before].mean(), 1e-3), (
+        f"the camera's frames did not change the video: {after}"
+    )

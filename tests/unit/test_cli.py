@@ -22,6 +22,7 @@ import pytest
 
 from streamdit.cli import main
 from streamdit.media import count_mp4_frames, read_npy_header_shape
+from streamdit.runtime.metrics import read_metrics
 
 GEOM = ["--height", "32", "--width", "48"]
 pytestmark = pytest.mark.timeout(120)
@@ -47,7 +48,7 @@ def _run(tmp_path: Path, name: str, *extra: str, chunks: int = 3) -> tuple[int, 
 
 
 def _metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return read_metrics(path).chunks
 
 
 def test_same_seed_is_bit_identical_and_prompt_changes_output(tmp_path: Path) -> None:
@@ -117,7 +118,6 @@ def test_video_to_video(tmp_path: Path) -> None:
     [
         (["--height", "40"], "height"),
         (["--width", "50"], "width"),
-        (["--preset", "huge"], "preset"),
         (["--step-list", "500,750"], "denoising_step_list"),
         (["--input-video", "/nonexistent/in.mp4"], "input_video"),
         (["--topology", "pp", "--nproc", "1"], "nproc"),
@@ -218,12 +218,41 @@ def test_forced_extra_generator_call_fails_the_plan(tmp_path: Path, monkeypatch,
 def test_crash_mid_stream_keeps_decoded_frames(tmp_path: Path, monkeypatch, caplog) -> None:
     monkeypatch.setenv("STREAMDIT_TEST_CRASH_AT_CHUNK", "2")
     for suffix in ("npy", "mp4"):
-        out = tmp_path / f"crash.{suffix}"
+        out, metrics = tmp_path / f"crash.{suffix}", tmp_path / f"crash_{suffix}.jsonl"
         caplog.clear()
-        assert main(["run", *GEOM, "--chunks", "4", "--out", str(out)]) == 1
+        assert main(["run", *GEOM, "--chunks", "4", "--out", str(out), "--metrics", str(metrics)]) == 1
         assert "InjectedFault: injected crash at chunk 2" in caplog.text
         n = np.load(out).shape[0] if suffix == "npy" else count_mp4_frames(out)
         assert n == 9 + 12
+        summary = read_metrics(metrics).summary
+        assert summary is not None
+        assert (summary["outcome"], summary["chunks"], summary["frames"]) == ("failed", 2, n)
+        assert summary["failure"].startswith("InjectedFault: injected crash at chunk 2")
+
+
+def test_the_run_summary_closes_the_metrics_and_matches_its_chunks(tmp_path: Path, capsys) -> None:
+    summary_file = tmp_path / "deep" / "summary.json"
+    rc, out, metrics = _run(tmp_path, "sum", "--summary", str(summary_file), chunks=4)
+    assert rc == 0
+    read = read_metrics(metrics)
+    assert read.summary is not None and json.loads(metrics.read_text().splitlines()[-1]) == read.summary
+    summary = {k: v for k, v in read.summary.items() if k != "record"}
+    assert json.loads(summary_file.read_text()) == summary
+    assert (summary["outcome"], summary["failure"], summary["stopped_early"]) == ("completed", "", "")
+    assert summary["chunks"] == len(read.chunks) == 4
+    assert summary["frames"] == sum(r["frames"] for r in read.chunks) == np.load(out).shape[0]
+    assert summary["out"] == str(out) and summary["topology"] == "single"
+    emits = [r["emit_s"] for r in read.chunks]
+    assert summary["first_frame_s"] == emits[0] <= summary["seconds"]
+    periods = sorted((b - a) * 1e3 for a, b in zip(emits, emits[1:], strict=False))
+    assert summary["period_ms_p50"] == pytest.approx(periods[1])
+    assert summary["fps"] == pytest.approx(36 / (emits[-1] - emits[0]))
+    assert summary["startup_s"] > 0 and summary["wall_s"] == pytest.approx(
+        summary["startup_s"] + summary["seconds"]
+    )
+    assert summary["overlap_score"] is None and summary["dropped_stale"] == 0
+    line = capsys.readouterr().out
+    assert f"wrote {summary['frames']} frames (4 chunks)" in line and "startup " in line and " FPS" in line
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
@@ -246,9 +275,7 @@ def test_signal_mid_stream_drains_to_a_valid_video(tmp_path: Path, sig: signal.S
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (
-            not metrics.exists() or len(metrics.read_text().splitlines()) < 2
-        ):
+        while time.monotonic() < deadline and (not metrics.exists() or len(read_metrics(metrics).chunks) < 2):
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.05)
         proc.send_signal(sig)
@@ -257,9 +284,18 @@ def test_signal_mid_stream_drains_to_a_valid_video(tmp_path: Path, sig: signal.S
         proc.kill()
     assert proc.returncode == (0 if sig == signal.SIGTERM else 130), err  # SIGTERM: a requested stop
     assert f"interrupted ({sig.name})" in err
-    rows = _metrics(metrics)
+    read = read_metrics(metrics)
+    rows = read.chunks
     assert 2 <= len(rows) < 50
     assert count_mp4_frames(out) == sum(r["frames"] for r in rows)
+    assert read.summary is not None
+    # the first SIGINT drains like SIGTERM (only the exit code says it was an interruption)
+    summary = read.summary
+    assert (summary["outcome"], summary["stopped_early"], summary["chunks"]) == (
+        "drained",
+        sig.name,
+        len(rows),
+    )
 
 
 def _tiny_dit_checkpoint(path: Path, *, drop: str | None = None, reshape: str | None = None) -> None:
@@ -362,15 +398,22 @@ def test_a_yaml_timeline_is_refused_by_its_suffix(tmp_path: Path, capsys) -> Non
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["serve", "--port", "99999"], "99999 is not a TCP port"),
-        (["run", "--log-level", "verbose"], "invalid choice: 'VERBOSE'"),
+        (["serve", "--port", "99999"], "invalid port: 99999 is not a TCP port"),
+        (["run", "--log-level", "verbose"], "--log-level: invalid choice: 'VERBOSE'"),
+        (
+            ["run", "--preset", "huge"],
+            "--preset: invalid choice: 'huge' (choose from 'tiny', 'wan-1.3b', 'wan-14b')",
+        ),
+        (["run", "--attn-backend", "sage"], "--attn-backend: invalid choice: 'sage'"),
     ],
 )
-def test_a_bad_port_or_log_level_is_a_usage_error(capsys, argv: list[str], needle: str) -> None:
-    with pytest.raises(SystemExit) as exc:
-        main(argv)
+def test_a_bad_port_preset_or_log_level_is_a_usage_error(capsys, argv: list[str], needle: str) -> None:
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage error
+        code = exc.code
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and needle in err and "Traceback" not in err, err
+    assert code == 2 and needle in err and "Traceback" not in err, err
 
 
 def test_help_shows_every_default(capsys) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from streamdit.errors import ConfigError
-from streamdit.runtime.live import LiveStream, LiveTimeline
+from streamdit.runtime.live import LiveFrames, LiveStream, LiveTimeline, PendingChange
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.metrics import ChunkMetrics
 
@@ -22,7 +22,7 @@ def test_a_submission_takes_effect_at_the_next_chunk_and_only_there() -> None:
     assert s2.prompt == "a city" and s2.hard_cut and s2.drop_in_flight  # a live hard cut is immediate
     assert tl.state(2) == s2  # asked twice for one chunk (pp asks before prepare): same answer
     tl.submit("a beach", "soft")
-    tl.submit("a harbour", "soft")  # replaces the pending one
+    tl.submit("a harbour", "soft", replace=True)  # replaces the pending one, as asked
     assert tl.state(2) == s2  # never rewrites a chunk already asked for
     s3, s4 = tl.state(3), tl.state(4)
     assert (s3.prompt, s3.previous, s3.alpha, s3.soft_active) == ("a harbour", "a city", 0.5, True)
@@ -105,4 +105,41 @@ def test_a_prompt_without_a_precomputed_embedding_is_refused_at_submit() -> None
         tl.submit("a forest", "soft")
     assert tl.current() == ("a city", None)
     tl.submit("a harbour", "hard")
-    assert tl.current() == ("a city", "a harbour")
+    assert tl.current() == ("a city", ("a harbour", "cut"))
+
+
+def test_a_waiting_change_is_replaced_only_when_asked_and_can_be_withdrawn() -> None:
+    tl = LiveTimeline("a fox")
+    tl.submit("a city", "hard")
+    with pytest.raises(PendingChange, match=r"already waiting .*\(cut: 'a city'\).*\[field=replace\]"):
+        tl.submit("a beach", "soft")
+    assert tl.current() == ("a fox", ("a city", "cut"))  # the cut was not overwritten
+    tl.submit("a beach", "soft", replace=True)
+    assert tl.current() == ("a fox", ("a beach", "soft"))
+    assert tl.cancel() == "a beach" and tl.cancel() is None
+    s1 = tl.state(1)
+    assert (s1.prompt, s1.hard_cut, s1.soft_active) == ("a fox", False, False)  # nothing applied
+    live = LiveStream("a fox", StopFlag(), keepalive_s=1)
+    live.submit("a city", "hard")
+    status = live.status()
+    assert (status["pending_prompt"], status["pending_transition"]) == ("a city", "hard")
+    assert live.cancel() == {"cancelled": "a city"} and live.status()["pending_prompt"] is None
+
+
+def test_live_frames_give_phase_a_the_newest_frames_and_never_block() -> None:
+    frames = LiveFrames(4, 6)
+    gray = frames.read(3)
+    assert gray.shape == (3, 4, 6, 3) and (gray == 128).all()  # before the first frame
+    for k in range(10):
+        frames.push(np.full((4, 6, 3), k, dtype=np.uint8))
+    assert [int(f[0, 0, 0]) for f in frames.read(4)] == [6, 7, 8, 9]  # the newest, older dropped
+    frames.push(np.full((4, 6, 3), 20, dtype=np.uint8))
+    assert [int(f[0, 0, 0]) for f in frames.read(3)] == [20, 20, 20]  # fewer arrived: the last held
+    assert [int(f[0, 0, 0]) for f in frames.read(2)] == [20, 20]
+    assert frames.stats() == {"received": 11, "used": 5, "waiting": 0}
+    with pytest.raises(ValueError, match=r"expected \(4, 6, 3\) uint8"):
+        frames.push(np.zeros((4, 7, 3), dtype=np.uint8))
+    for _ in range(LiveFrames.KEPT + 5):
+        frames.push(np.zeros((4, 6, 3), dtype=np.uint8))
+    assert frames.stats()["waiting"] == LiveFrames.KEPT  # bounded
+    assert (frames.fresh().read(1) == 128).all()  # a rehearsal never takes the viewer's frames

@@ -87,6 +87,16 @@ def test_video_source_reads_chunk_by_chunk_what_a_whole_decode_gives(tmp_path: P
     again.close()
 
 
+def test_a_looping_video_source_starts_over_at_its_end(tmp_path: Path) -> None:
+    path = _video(tmp_path / "in.mp4", 2)  # 24 frames
+    whole = _whole_decode(path, 16, 24)
+    source = VideoSource(path, height=16, width=24, frames=24, loop=True)
+    read = np.concatenate([source.read(9), source.read(12), source.read(12), source.read(12)])
+    assert np.array_equal(read, np.concatenate([whole, whole[:21]]))  # 45 frames from a 24-frame file
+    assert source.fresh().loop
+    source.close()
+
+
 def test_video_source_holds_one_chunk_not_the_video(tmp_path: Path) -> None:
     """A 600-frame input (38 MB decoded at 128x160) streamed in 12-frame chunks: the Python
     heap never holds more than a few chunks' worth (a whole decode would peak above 38 MB)."""

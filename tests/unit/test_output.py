@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
@@ -26,7 +25,7 @@ import pytest
 import torch
 
 from streamdit.media import NpyWriter, count_mp4_frames, strict_frames
-from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress
+from streamdit.runtime.metrics import ChunkMetrics, MetricsWriter, Progress, read_metrics
 from streamdit.runtime.output import OutputError, OutputWorker
 
 H, W = 8, 12
@@ -85,7 +84,7 @@ def test_every_chunk_is_written_in_order_even_behind_a_slow_disk(tmp_path: Path)
     video = np.load(tmp_path / "v.npy")
     assert video.shape == (18, H, W, 3)
     assert [int(video[3 * k, 0, 0, 0]) for k in range(6)] == list(range(6))
-    rows = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "m.jsonl").chunks
     assert [r["chunk_index"] for r in rows] == list(range(6))
     emits = [r["emit_s"] for r in rows]
     assert emits == sorted(emits) and emits[0] > 0
@@ -126,7 +125,7 @@ def _run(tmp_path: Path, suffix: str, *, env: dict[str, str] | None = None, limi
         timeout=100,
         preexec_fn=preexec,
     )
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    rows = read_metrics(metrics).chunks if metrics.exists() else []
     return proc, out, rows
 
 
@@ -173,7 +172,7 @@ def _start(tmp_path: Path, suffix: str, chunks: int = 40) -> tuple[subprocess.Po
 
 
 def _lines(metrics: Path) -> list[dict]:
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+    return read_metrics(metrics).chunks if metrics.exists() else []
 
 
 def _wait_lines(proc: subprocess.Popen, metrics: Path, n: int) -> None:

@@ -47,6 +47,7 @@ from streamdit.config import TEST_HOOK_PREFIX, child_environment, rank_environme
 from streamdit.media import NPY_HEADER_LEN, strict_frames
 from streamdit.runtime.inspect import inspect_records
 from streamdit.runtime.launch import die_with_parent, emulated_host_environment, free_port, kill_group
+from streamdit.runtime.metrics import read_metrics
 
 WORLD = {"single": 1, "tp": 2, "pp": 3}
 WINDOW_S = 3.0
@@ -362,6 +363,7 @@ def _finish(result: CaseResult, out_dir: Path) -> CaseResult:
         result.problems.append(
             f"{result.chunks} chunks kept, {result.chunks_at_fault} were written at the fault"
         )
+    _check_summary(result, out_dir / "m.jsonl")
     if case.kind == "stop" and case.role == "alone" and result.chunks != CHUNKS:
         result.problems.append(f"a resumed single run kept {result.chunks} of {CHUNKS} chunks")
     failed_job = any(c != 0 for c in result.codes.values())
@@ -377,9 +379,27 @@ def _finish(result: CaseResult, out_dir: Path) -> CaseResult:
     return result
 
 
+def _check_summary(result: CaseResult, metrics: Path) -> None:
+    """rank0's summary line: there whenever rank0 ended by itself (a clean drain or a verdict;
+    not a SIGKILL, and a full disk may refuse it), and true to the chunk lines."""
+    summary = read_metrics(metrics).summary if metrics.exists() else None
+    if summary is None:
+        if result.codes.get(0) == 0:
+            result.problems.append("rank0 exited 0 without a summary line")
+        return
+    if (summary["chunks"], summary["frames"]) != (result.chunks, result.claimed):
+        result.problems.append(
+            f"the summary says {summary['chunks']} chunks / {summary['frames']} frames, the lines "
+            f"{result.chunks} / {result.claimed}"
+        )
+    if (summary["outcome"] == "failed") != (result.codes.get(0) not in (0, None)):
+        result.problems.append(
+            f"summary outcome {summary['outcome']!r} but rank0 exited {result.codes.get(0)}"
+        )
+
+
 def _rows(metrics: Path) -> list[dict]:
     """The complete lines of a metrics file (a line being written is not read)."""
     if not metrics.exists():
         return []
-    text = metrics.read_text()
-    return [json.loads(line) for line in text.splitlines(keepends=True) if line.endswith("\n")]
+    return read_metrics(metrics).chunks

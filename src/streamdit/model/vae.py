@@ -1,7 +1,9 @@
 """Causal 3-D conv video VAE with explicit streaming caches (Wan2.1-VAE layout).
 
 Owns: `VAEConfig` and its presets, the `CausalVideoVAE` module (encoder, decoder, latent
-normalization, seeded init) and the per-stream `StreamingEncoder` / `StreamingDecoder`.
+normalization, seeded init, its CUDA speed settings: channels-last, folded time taps, the
+compiled decode step) and the per-stream `StreamingEncoder` / `StreamingDecoder`, and
+`warm_up_decoder` (every decode-step variant a stream meets, run once at startup).
 Must not import: anything from streamdit except errors (model/ is torch-only, single device).
 
 Compression: 16 latent channels; space ×8; time ×4 with the first frame alone, so a stream of
@@ -17,6 +19,13 @@ every path (whole clip or chunk) runs one latent frame per step, like Wan's `fea
 chunked decode equals whole-clip decode bit for bit. The encoder runs steps of 1 then 4 pixel
 frames: its first call takes T ≡ 1 (mod 4) frames, later calls T ≡ 0 (mod 4). After an
 exception mid-chunk the stream state is undefined: call `reset()`.
+
+Compiled decode (`compile_decoder`, CUDA runs with --compile): the whole decode step is one
+graph, a pure function of (latents, the causal layers' history as a list); the stream's
+`CausalCache` stays outside and exchanges that list with it (see vae_blocks). Static shapes: a
+stream meets three step variants (its first latent frame alone, the rest of its first chunk,
+then every later chunk), plus one step while the history's memory layout settles: 4 graphs,
+the same after a hard cut, all compiled by `warm_up_decoder` at startup.
 
 Latent normalization (inside encode/decode): z = (mu − mean) / std per channel, undone before
 decoding. Stats are non-persistent buffers chosen by `VAEConfig.latent_norm`: "identity" (the
@@ -38,17 +47,29 @@ Deviations from Wan2.1's `WanVAE_`, each deliberate:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from streamdit.errors import ConfigError
-from streamdit.model.vae_blocks import CausalCache, CausalConv3d, Decoder3d, Encoder3d
+from streamdit.model.vae_blocks import (
+    CausalCache,
+    CausalConv3d,
+    Decoder3d,
+    Encoder3d,
+    StepCache,
+    cache_layers,
+)
 
 TIME_STRIDE = 4
 SPACE_STRIDE = 8
+# H200: cuDNN runs the decoder's 96-channel 3-D convs at ~300 TFLOP/s, its wider ones near 600;
+# folded into 2-D convs the narrow ones gain (docs/performance.md, "Compiled decode step")
+FOLD_BELOW_CHANNELS = 128
 
 # Wan2.1's published per-channel latent statistics (wan/modules/vae.py, class WanVAE).
 WAN21_LATENT_MEAN = (
@@ -159,6 +180,8 @@ class CausalVideoVAE(nn.Module):
         self.latent_std: Tensor
         self.register_buffer("latent_mean", torch.tensor(mean, **stat), persistent=False)
         self.register_buffer("latent_std", torch.tensor(std, **stat), persistent=False)
+        self._decoder_layers: list[nn.Module] = []
+        self._compiled_decode: Callable[..., tuple[Tensor, list[Tensor | None]]] | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -172,6 +195,23 @@ class CausalVideoVAE(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+
+    def fold_time_taps(self, root: nn.Module, below: int = FOLD_BELOW_CHANNELS) -> int:
+        """GPU: the causal convs under `root` with fewer than `below` input channels (0: none)
+        run as one 2-D conv over their time taps stacked as channels
+        (`CausalConv3d._conv_time_folded`): the same sum, other kernels. Returns how many."""
+        convs = [m for m in root.modules() if isinstance(m, CausalConv3d)]
+        for conv in convs:
+            conv.fold_time = conv.in_channels < below
+        return sum(conv.fold_time for conv in convs)
+
+    def compile_decoder(self, **options: Any) -> None:
+        """Compile the decode step as one graph (static shapes; `options` go to torch.compile,
+        e.g. backend, mode). The stream's cache stays outside it (see the module docstring)."""
+        self._decoder_layers = cache_layers(self.decoder)
+        self._compiled_decode = torch.compile(
+            self._decode_step_traced, **{"fullgraph": True, "dynamic": False, **options}
+        )
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
@@ -199,7 +239,25 @@ class CausalVideoVAE(nn.Module):
         """One step: latents [B, z, t, h, w] → pixels [B, 3, 4t, H, W] (1 frame for a stream's
         first step, which must be a single latent)."""
         z = latent * _bcast(self.latent_std) + _bcast(self.latent_mean)
-        return self.decoder(self.conv2(z), cache).clamp(-1.0, 1.0)
+        return self.decoder(self.conv2(z), cache).clamp(-1.0, 1.0)  # type: ignore[arg-type]
+
+    def run_decode_step(self, latent: Tensor, cache: CausalCache) -> Tensor:
+        """`decode_step`, through the compiled graph once `compile_decoder` ran."""
+        if self._compiled_decode is None:
+            return self.decode_step(latent, cache)
+        layers = self._decoder_layers
+        out, history = self._compiled_decode(
+            latent, cache.export(layers), cache.first_step, cache.upsample_history
+        )
+        cache.store(layers, history)
+        return out
+
+    def _decode_step_traced(
+        self, latent: Tensor, history: list[Tensor | None], first_step: bool, upsample_history: str
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """What `compile_decoder` compiles: one step, its history in and out as a list."""
+        cache = StepCache(history, first_step=first_step, upsample_history=upsample_history)
+        return self.decode_step(latent, cache), cache.history  # type: ignore[arg-type]
 
 
 def _bcast(stat: Tensor) -> Tensor:
@@ -275,7 +333,7 @@ class StreamingDecoder:
         x = latents.to(self.vae.dtype).transpose(1, 2)  # [B, z, F, h, w]
         outs = []
         for start, stop in self._steps(x.shape[2]):
-            outs.append(self.vae.decode_step(x[:, :, start:stop].contiguous(), self.cache))
+            outs.append(self.vae.run_decode_step(x[:, :, start:stop].contiguous(), self.cache))
             self.cache.advance(stop - start)
         return torch.cat(outs, dim=2)
 
@@ -292,6 +350,36 @@ class StreamingDecoder:
         if self.cache.upsample_history != "wan2.1":
             return [(i, i + 1) for i in range(frames)]
         return [r for r in ((0, first), (first, frames)) if r[1] > r[0]]
+
+
+@torch.no_grad()
+def warm_up_decoder(
+    vae: CausalVideoVAE, shape: tuple[int, ...], *, upsample_history: str = "wan2.1", max_chunks: int = 6
+) -> tuple[int, int]:
+    """Decode synthetic chunks of `shape` [B, F, z, h, w] on a throwaway stream until every
+    step variant a stream of such chunks meets has run (so compiled): at least three chunks (a
+    stream's first step, the rest of its first chunk or at F = 1 the second chunk, the steady
+    step), then until a chunk compiles no new graph (the history's memory layout can take one
+    more step to settle). Returns (chunks decoded, graphs compiled)."""
+    gen = torch.Generator(device=vae.latent_std.device).manual_seed(0)
+    decoder = StreamingDecoder(vae, upsample_history=upsample_history)
+    first = _graphs_compiled()
+    chunks = 0
+    while chunks < max_chunks:
+        before = _graphs_compiled()
+        decoder.decode_chunk(torch.randn(shape, generator=gen, device=gen.device, dtype=vae.dtype))
+        chunks += 1
+        if chunks >= 3 and _graphs_compiled() == before:
+            break
+    if gen.device.type == "cuda":
+        torch.cuda.current_stream(gen.device).synchronize()
+    return chunks, _graphs_compiled() - first
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _check_pixels(pixels: Tensor, *, first_chunk: bool) -> None:

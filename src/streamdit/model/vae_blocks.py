@@ -11,6 +11,11 @@ whole-clip encoding run identical arithmetic); in the decoder a stream's first l
 alone, then any number of latent frames per step (`StreamingDecoder._steps`: equal to Wan's
 frame-by-frame loop up to float rounding, in larger, faster convolutions).
 
+Compiled steps (`CausalVideoVAE.compile_decoder`) stay pure functions of tensors:
+`cache_layers` numbers the layers that carry history (`_cache_slot`), `CausalCache.export` /
+`store` move their entries in and out of the graph as one list, and inside it a `StepCache`
+(`get` / `put` / `first_step` over that list) stands in for the stream's cache.
+
 Must not import: anything from streamdit except errors (model/ is torch-only, single device).
 """
 
@@ -64,6 +69,47 @@ class CausalCache:
         self._history.clear()
         self.steps = 0
 
+    def export(self, layers: Sequence[nn.Module]) -> list[Tensor | None]:
+        """The entries of `layers` in their order (None: no history yet), for a compiled step."""
+        return [self._history.get(layer) for layer in layers]
+
+    def store(self, layers: Sequence[nn.Module], history: Sequence[Tensor | None]) -> None:
+        """Take back a compiled step's entries (fresh tensors: no clone needed)."""
+        self._history.update((k, v) for k, v in zip(layers, history, strict=True) if v is not None)
+
+
+class StepCache:
+    """One step's view of a `CausalCache`: a list indexed by each layer's `_cache_slot`, which
+    goes in and out of a compiled step as graph inputs and outputs (no Python state inside)."""
+
+    def __init__(self, history: Sequence[Tensor | None], *, first_step: bool, upsample_history: str) -> None:
+        self.history = list(history)
+        self.first_step = first_step
+        self.upsample_history = upsample_history
+
+    def get(self, layer: nn.Module) -> Tensor | None:
+        return self.history[layer._cache_slot]  # type: ignore[index]
+
+    def put(self, layer: nn.Module, frames: Tensor) -> None:
+        self.history[layer._cache_slot] = frames.clone()  # type: ignore[index]
+
+
+def cache_layers(root: nn.Module) -> list[nn.Module]:
+    """The layers under `root` that keep history between steps, each numbered (`_cache_slot`)
+    by its position in the returned list."""
+    layers = [
+        m
+        for m in root.modules()
+        if (isinstance(m, CausalConv3d) and m._time_pad > 0)
+        or (isinstance(m, Resample) and m.mode == "downsample3d")
+    ]
+    for slot, layer in enumerate(layers):
+        layer._cache_slot = slot
+    return layers
+
+
+Cache = CausalCache | StepCache
+
 
 class CausalConv3d(nn.Conv3d):
     """Conv3d padded only towards the past in time (and symmetrically in space).
@@ -85,8 +131,9 @@ class CausalConv3d(nn.Conv3d):
         self._time_pad = 2 * pt
         self._space_pad = (pw, pw, ph, ph)
         self.padding = (0, 0, 0)
+        self.fold_time = False  # GPU: one 2-D conv over the time taps as channels (see below)
 
-    def forward(self, x: Tensor, cache: CausalCache | None = None) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor, cache: Cache | None = None) -> Tensor:  # type: ignore[override]
         pad_t = self._time_pad
         if pad_t > 0 and cache is not None:
             prev = cache.get(self)
@@ -94,10 +141,29 @@ class CausalConv3d(nn.Conv3d):
                 x = torch.cat([prev, x], dim=2)
             pad_t -= 0 if prev is None else prev.shape[2]
             cache.put(self, x[:, :, -self._time_pad :])
+        if self.fold_time and self.stride[0] == 1 and x.device.type != "cpu":
+            return self._conv_time_folded(F.pad(x, (0, 0, 0, 0, pad_t, 0)) if pad_t else x)
         x = F.pad(x, (*self._space_pad, pad_t, 0))
         if x.device.type == "cpu" and self.stride[0] == 1:
             return self._conv_by_time_taps(x)
         return super().forward(x)
+
+    def _conv_time_folded(self, x: Tensor) -> Tensor:
+        """The same convolution as ONE 2-D conv: output frame t sees input frames t..t+kt−1
+        stacked as kt·C channels, the weight [O, C, kt, kh, kw] folded to [O, kt·C, kh, kw]: the
+        same sum (one reduction, one rounding) in other cuDNN kernels; spatial zero padding is
+        the conv's own. The taps are stacked channels-last ([B, T, H, W, kt, C], one coalesced
+        write of kt copies of the input), which is the 2-D conv's input layout as it stands."""
+        b, c, t, h, w = x.shape
+        kt = self.kernel_size[0]
+        t_out = t - kt + 1
+        xl = x.permute(0, 2, 3, 4, 1)  # [B, T, H, W, C]: a view of a channels-last x
+        taps = xl if kt == 1 else torch.stack([xl[:, i : i + t_out] for i in range(kt)], dim=4)
+        frames = taps.reshape(b * t_out, h, w, kt * c).permute(0, 3, 1, 2)
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, kt * c, *self.kernel_size[1:])
+        weight = weight.contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(frames, weight, self.bias, self.stride[1:], (self._space_pad[2], self._space_pad[0]))
+        return y.reshape(b, t_out, *y.shape[1:]).transpose(1, 2)
 
     def _conv_by_time_taps(self, x: Tensor) -> Tensor:
         """The same convolution as a sum over time taps of batched 2-D convs.
@@ -172,7 +238,7 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
         if self.mode == "upsample3d" and not cache.first_step:
             before = cache.get(self.time_conv)
             step_in = x
@@ -218,7 +284,7 @@ class ResidualBlock(nn.Module):
         )
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
         r = self.residual
         h = self.shortcut(x)
         x = r[2](r[1](r[0](x)), cache)
@@ -242,7 +308,7 @@ class AttentionBlock(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)
         return self.proj(y.squeeze(1).transpose(1, 2).reshape(n, c, h, w))
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
         del cache  # per-frame: nothing to carry
         return x + _per_frame(self._attend, x)
 
@@ -254,7 +320,7 @@ def _middle(dim: int, attention: bool) -> nn.ModuleList:
     return nn.ModuleList(mid)
 
 
-def _run(layers: nn.ModuleList, x: Tensor, cache: CausalCache) -> Tensor:
+def _run(layers: nn.ModuleList, x: Tensor, cache: Cache) -> Tensor:
     for layer in layers:
         x = x if isinstance(layer, nn.Identity) else layer(x, cache)
     return x
@@ -289,7 +355,7 @@ class Encoder3d(nn.Module):
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], z_out, 3, padding=1)
         )
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
         x = self.conv1(x, cache)
         x = _run(self.downsamples, x, cache)
         x = _run(self.middle, x, cache)
@@ -327,7 +393,7 @@ class Decoder3d(nn.Module):
             RMSNorm(dims[-1], images=False), nn.SiLU(), CausalConv3d(dims[-1], 3, 3, padding=1)
         )
 
-    def forward(self, x: Tensor, cache: CausalCache) -> Tensor:
+    def forward(self, x: Tensor, cache: Cache) -> Tensor:
         x = self.conv1(x, cache)
         x = _run(self.middle, x, cache)
         x = _run(self.upsamples, x, cache)

@@ -30,7 +30,7 @@ from streamdit.model.taehv import TinyVAEConfig, TinyVideoDecoder, load_tiny_dec
 from streamdit.model.text import HashTextEncoder, TextEncoder
 from streamdit.model.text_embeddings import PrecomputedTextEncoder, save_text_embeddings
 from streamdit.model.umt5 import UMT5TextEncoder, read_config
-from streamdit.model.vae import CausalVideoVAE, VAEConfig, get_vae_config, pixel_frames
+from streamdit.model.vae import CausalVideoVAE, VAEConfig, get_vae_config, pixel_frames, warm_up_decoder
 from streamdit.model.weights import (
     CheckpointSource,
     check_checkpoint,
@@ -95,8 +95,10 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     check_output_path(cfg.out, "out")  # every rank writes its flight record beside it
     timeline = Timeline.single(cfg.prompt)
     if not generator_only:
-        if cfg.metrics is not None:
-            check_output_path(cfg.metrics, "metrics")
+        for name in ("metrics", "summary"):
+            path = getattr(cfg, name)
+            if path is not None:
+                check_output_path(path, name)
         timeline = _validate_stage0_inputs(cfg, dit, dtype)
     return ValidatedRun(
         cfg=cfg,
@@ -291,7 +293,28 @@ def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE, 
     if run.device.type == "cuda":
         vae.to_channels_last()
     vae.eval()
+    _compile_decoder(run, vae)
     return text, vae, build_tiny_decoder(cfg, run.device, run.dtype)
+
+
+def _compile_decoder(run: ValidatedRun, vae: CausalVideoVAE) -> None:
+    """--compile on CUDA with the Wan decoder showing the frames: its decode step as one graph
+    (`CausalVideoVAE.compile_decoder`), its narrow convs folded into 2-D convs (4 ms a chunk at
+    320x576 for ~50 s more cold compile: docs/performance.md), compiled here by a warm-up,
+    before the stream's clock starts. The backend is --compile-backend's, in its default mode
+    (a CUDA-graph mode would reuse the buffers the stream's cache keeps). Not under tp, whose
+    rank0 builds Stage 0 after the startup rendezvous, where a compile would run under
+    --dist-timeout."""
+    cfg = run.cfg
+    if not cfg.compile or run.device.type != "cuda" or cfg.vae == "tiny" or cfg.topology == "tp":
+        return
+    t0 = time.perf_counter()
+    vae.fold_time_taps(vae.decoder)
+    vae.compile_decoder(backend=cfg.compile_backend)
+    shape = (1, cfg.frames_per_chunk, vae.cfg.z_dim, cfg.height // 8, cfg.width // 8)
+    chunks, graphs = warm_up_decoder(vae, shape, upsample_history=cfg.recipe_spec.vae_time_cache)
+    seconds = time.perf_counter() - t0
+    log.info("VAE decoder compiled: %d graphs, %d warm-up chunks, %.1f s", graphs, chunks, seconds)
 
 
 def build_tiny_decoder(cfg: RunConfig, device: torch.device, dtype: torch.dtype) -> TinyVideoDecoder | None:
@@ -315,9 +338,10 @@ def _tiny_state(path: Path, *, shapes_only: bool = False) -> dict[str, torch.Ten
         return {key: source.get(key) for key in source.shapes()}
 
 
-def open_input_video(run: ValidatedRun) -> tuple[VideoSource | None, int]:
+def open_input_video(run: ValidatedRun, *, loop: bool = False) -> tuple[VideoSource | None, int]:
     """The v2v input (decoded a chunk at a time) and how many chunks it covers (ConfigError if
-    it cannot cover the first). Its frames are counted from packets; none is decoded here."""
+    it cannot cover the first). Its frames are counted from packets; none is decoded here.
+    `loop` (a live stream): the file starts over at its end, so it covers every chunk."""
     cfg = run.cfg
     if cfg.input_video is None:
         return None, run.chunks
@@ -329,5 +353,5 @@ def open_input_video(run: ValidatedRun) -> tuple[VideoSource | None, int]:
             f"input video {cfg.input_video} has {frames} frames; the first chunk needs {first} "
             "[field=input_video]"
         )
-    source = VideoSource(cfg.input_video, height=cfg.height, width=cfg.width, frames=frames)
-    return source, min(run.chunks, 1 + (frames - first) // later)
+    source = VideoSource(cfg.input_video, height=cfg.height, width=cfg.width, frames=frames, loop=loop)
+    return source, run.chunks if loop else min(run.chunks, 1 + (frames - first) // later)

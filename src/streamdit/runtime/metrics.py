@@ -1,8 +1,13 @@
 """Per-chunk metrics: the JSON-lines record every topology writes, and a terminal progress bar.
 
 Owns: `ChunkMetrics` (one line per chunk), `MetricsWriter` (append + flush per line, so a crash
-keeps every finished chunk's line), `overlap_score` (docs/protocol.md §8) and `Progress` (a one-line
-bar on a TTY, silent otherwise).
+keeps every finished chunk's line), the run summary (`delivery_stats`, one last line with
+`"record": "summary"`), `read_metrics` (what every reader of the file uses), `overlap_score`
+(docs/protocol.md §8) and `Progress` (a one-line bar on a TTY, silent otherwise).
+
+File layout: one JSON object per line, each with a `record` key: `"chunk"` lines in emit order,
+then at most one `"summary"` line, written when the stream ended (also on a drain or a crash;
+not after a SIGKILL). A line without its newline is a torn write and is not a record.
 
 pp fields (None elsewhere): `stage0_ms` = Phase A + C wall time of the chunk on rank0,
 `stage1_ms` and `mesh_idle_ms` as the leader measured them (its clock, no sync needed),
@@ -13,13 +18,15 @@ chunk was emitted.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -36,6 +43,9 @@ class ChunkMetrics:
     kv_recompute: bool
     text_ms: float = 0.0
     """Text-encoder time inside phase A (a new prompt; 0 when every conditioning was cached)."""
+    paused_ms: float = 0.0
+    """Time the loop waited at this chunk's boundary while paused (serve): not part of its
+    period, so a pause does not count as slow generation."""
     emit_s: float | None = None
     """Seconds from the stream's start to when the writer thread had written this chunk's
     frames (the delivery clock: FPS, chunk periods and time to first frame are read from it)."""
@@ -49,6 +59,43 @@ class ChunkMetrics:
 
 
 WARMUP_CHUNKS = 2  # first chunks excluded from overlap statistics (pipeline filling)
+CHUNK_RECORD = "chunk"
+SUMMARY_RECORD = "summary"
+
+
+def chunk_periods_ms(records: Sequence[ChunkMetrics]) -> list[float]:
+    """Delivery periods between successive written chunks (`emit_s`), each less the time the
+    loop was paused before its chunk."""
+    return [
+        max(0.0, (b.emit_s - a.emit_s) * 1e3 - b.paused_ms)
+        for a, b in zip(records, records[1:], strict=False)
+        if a.emit_s is not None and b.emit_s is not None
+    ]
+
+
+def percentile(values: Sequence[float], q: int) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return float(values[0])
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def delivery_stats(records: Sequence[ChunkMetrics]) -> dict[str, float | None]:
+    """The delivery clock of a stream: `fps` = frames written per second from the first written
+    chunk to the last, pauses excluded (so the first chunk's warm-up is not in it); `first_frame_s`
+    = stream start to the first chunk written; chunk period p50 / p99. None where undefined."""
+    periods = chunk_periods_ms(records)
+    first = records[0].emit_s if records else None
+    fps = None
+    if periods and sum(periods) > 0:
+        fps = sum(r.frames for r in records[1:]) / (sum(periods) / 1e3)
+    return {
+        "fps": fps,
+        "first_frame_s": first,
+        "period_ms_p50": percentile(periods, 50),
+        "period_ms_p99": percentile(periods, 99),
+    }
 
 
 def overlap_score(records: list[ChunkMetrics], warmup: int = WARMUP_CHUNKS) -> float | None:
@@ -88,14 +135,63 @@ class MetricsWriter:
         self.records.append(record)
         self.count += 1
         self.frames += record.frames
+        self._line({"record": CHUNK_RECORD, **asdict(record)})
+
+    def write_summary(self, summary: Mapping[str, object]) -> None:
+        """The stream's last line (`read_metrics` returns it apart from the chunks)."""
+        self._line({"record": SUMMARY_RECORD, **summary})
+
+    def _line(self, obj: Mapping[str, object]) -> None:
         if self._fh is not None:
-            self._fh.write(json.dumps(asdict(record), sort_keys=True) + "\n")
+            self._fh.write(json.dumps(obj, sort_keys=True) + "\n")
             self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (interpreter and imports included); None where the
+    kernel does not say (not Linux)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        start_ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: starttime
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_json_atomic(path: Path, obj: Mapping[str, object]) -> None:
+    """One JSON object, replaced whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsFile:
+    chunks: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+
+
+def read_metrics(path: Path) -> MetricsFile:
+    """A metrics file's chunk lines and its summary line (None until the stream ended); a torn
+    last line (no newline: the process died mid-write) is dropped."""
+    chunks: list[dict[str, Any]] = []
+    summary = None
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            break
+        obj = json.loads(line)
+        if obj.get("record") == SUMMARY_RECORD:
+            summary = obj
+        else:
+            chunks.append(obj)
+    return MetricsFile(chunks=chunks, summary=summary)
 
 
 class Progress:

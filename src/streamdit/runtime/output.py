@@ -167,7 +167,7 @@ class OutputWorker:
         self._claimed_frames = 0
         self._chunks_written = 0
         if guard is not None:
-            guard.on_exit(self._finish)
+            guard.on_exit(self.finish_files)
 
     def submit(self, frames: torch.Tensor, record: ChunkMetrics, marks: PhaseMarks | None = None) -> None:
         """Queue one chunk: `frames` uint8 `[T, H, W, 3]` on any device; `record.frames` == T.
@@ -195,12 +195,12 @@ class OutputWorker:
             self._thread.join()
             self._started = False
         with self.guard or nullcontext():
-            self._finish()
+            self.finish_files()
         if self._wait_s > 0.05:
             log.info("writer: generation waited %.0f ms in all for the output queue", self._wait_s * 1e3)
         self._raise_if_failed()
 
-    def _finish(self) -> None:
+    def finish_files(self) -> None:
         """Close the video (its last fragment goes to disk) and claim every durable chunk."""
         if self._failure is None:
             try:

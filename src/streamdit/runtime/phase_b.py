@@ -33,6 +33,7 @@ from streamdit.runtime.compile_health import compile_gate, eager_warmup
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.plan import GeneratorInputs
+from streamdit.runtime.startup import StartupProgress
 from streamdit.runtime.tripwires import Tripwires
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ class PhaseB:
         `world` only for the OM-08 hook (a digest issued on the wrong group).
         """
         cfg = run.cfg
-        model = build_model(run)
+        progress = StartupProgress.for_rank(cfg, rank)
+        source = "loading the checkpoint" if cfg.checkpoint is not None else "seeding its weights"
+        with progress.stage(f"building the {cfg.preset} DiT ({source})"):
+            model = build_model(run)
         if group is not None:
             # Eager: c10d in-place all-reduces (2xH200, wan-14b: TP=2 1.37x vs 0.86x with
             # functional ones, bench/results/tp_wan14b_h200x2_eager.json). Compiled: functional,
@@ -111,8 +115,14 @@ class PhaseB:
         # Same synthetic call plan on every rank (derived from parity-checked config), then every
         # rank judges the same gathered counters.
         allowed = startup.name if startup is not None else "world"
-        compile_gate(runner, cfg, run.dit, startup, allowed=allowed, record=record)
-        eager_warmup(runner, cfg, run.dit, record=record)  # before all_ready (see RankSession)
+        warmup = None
+        if cfg.compile:
+            warmup = f"compiling the DiT blocks ({cfg.compile_backend}) and warming up"
+        elif cfg.eager_warmup(run.device.type):
+            warmup = "warming up the generator"
+        with progress.stage(warmup):
+            compile_gate(runner, cfg, run.dit, startup, allowed=allowed, record=record)
+            eager_warmup(runner, cfg, run.dit, record=record)  # before all_ready (see RankSession)
         return cls(runner, faults=faults, rank=rank, tripwires=tripwires)
 
     def infer(self, ids: Ids, inputs: GeneratorInputs) -> torch.Tensor:

@@ -37,7 +37,7 @@ from streamdit.runtime.driver import RunSummary, StreamOutputs, sync
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
-from streamdit.runtime.metrics import ChunkMetrics, overlap_score
+from streamdit.runtime.metrics import ChunkMetrics
 from streamdit.runtime.output import OutputGuard
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs, id_kwargs
 from streamdit.runtime.pp_link import StageLink
@@ -68,6 +68,7 @@ class InFlight:
     inputs: GeneratorInputs
     notes: ChunkNotes
     phase_a_ms: float
+    paused_ms: float = 0.0
 
 
 class PipelinedDriver:
@@ -90,12 +91,12 @@ class PipelinedDriver:
         self.device = device
         self.faults = faults
         self.pending: deque[InFlight] = deque()
-        self.dropped_stale = 0
         self.last_emit: float | None = None
         self.depth = 1 if faults.decode_before_send else cfg.queue_depth
 
-    def step(self, k: int) -> None:
-        """Phase A of chunk k, then send it once fewer than D envelopes are in flight."""
+    def step(self, k: int, paused_s: float = 0.0) -> None:
+        """Phase A of chunk k, then send it once fewer than D envelopes are in flight.
+        `paused_s`: how long the loop idled at this chunk's boundary (serve's pause)."""
         state = self.stage0.state(k)
         scheduled_cut = state.hard_cut and not state.drop_in_flight
         if scheduled_cut or self.stage0.needs_previous_decode(k):
@@ -108,7 +109,9 @@ class PipelinedDriver:
             self.take_one()
         sent = self.faults.shipped(k, inputs)  # OM-03/07 hook: the plan rank0 ships
         self.link.submit(pp_envelope(Action.INFER, ids, sent))
-        self.pending.append(InFlight(ids=ids, inputs=inputs, notes=notes, phase_a_ms=phase_a_ms))
+        self.pending.append(
+            InFlight(ids=ids, inputs=inputs, notes=notes, phase_a_ms=phase_a_ms, paused_ms=paused_s * 1e3)
+        )
 
     def keepalive(self) -> None:
         """A NOOP through the link while idle: the leader forwards it to the mesh and answers
@@ -145,6 +148,7 @@ class PipelinedDriver:
             phase_c_ms=(now - t0) * 1e3,
             transition=item.notes.transition,
             text_ms=item.notes.text_ms,
+            paused_ms=item.paused_ms,
             kv_recompute=item.inputs.do_kv_recompute,
             stage0_ms=item.phase_a_ms + (now - t0) * 1e3,
             stage1_ms=result.stage1_ms,
@@ -168,7 +172,7 @@ class PipelinedDriver:
                 chunk_index=result.chunk_index,
                 cache_epoch=result.cache_epoch,
             )
-        self.dropped_stale += 1
+        self.outputs.dropped_stale += 1  # the summary counts it, whatever ends the stream
         log.warning(
             "dropped stale result call_id=%d chunk_index=%d cache_epoch=%d (current epoch %d); not decoded",
             result.call_id,
@@ -232,16 +236,15 @@ def drive_pipelined(
 
     `live` (serve): while paused, the pipeline drains (every chunk in flight is shown), then
     idles at the boundary with a NOOP keepalive through the link every keepalive period."""
-    with StreamOutputs(cfg, chunks, live, guard) as outputs:
+    with StreamOutputs(cfg, chunks, live, guard, stop) as outputs:
         driver = PipelinedDriver(cfg, stage0=stage0, link=link, device=device, faults=faults, outputs=outputs)
         for k in range(chunks):
-            if live is not None:
-                live.boundary(driver.keepalive, before_idle=driver.drain)
+            paused_s = live.boundary(driver.keepalive, before_idle=driver.drain) if live is not None else 0.0
             if stop.requested:
                 log.warning("draining after %d chunks sent (%s)", k, stop.reason)
                 break
-            driver.step(k)
+            driver.step(k, paused_s)
         driver.drain()
-    score = overlap_score(list(outputs.metrics.records))
-    log.info("pp: dropped_stale=%d overlap_score=%s", driver.dropped_stale, score)
-    return outputs.summary(stop, dropped_stale=driver.dropped_stale, overlap_score=score)
+    summary = outputs.summary()
+    log.info("pp: dropped_stale=%d overlap_score=%s", summary.dropped_stale, summary.overlap_score)
+    return summary

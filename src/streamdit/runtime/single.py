@@ -18,6 +18,7 @@ from streamdit.runtime.live import LiveStream
 from streamdit.runtime.liveness import StopFlag
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.stage0 import Stage0
+from streamdit.runtime.startup import StartupProgress
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +29,20 @@ LIVE_CHUNKS = 10**12  # serve: "until stopped" (a chunk loop bound no stream rea
 def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Stage0, int]:
     """Rank0's Phase A/C parts (text encoder, VAE, input video) and the chunk count.
 
-    `live` (serve): prompts come from its live timeline, and the stream runs until stopped (or
-    until the input video ends)."""
-    input_video, chunks = open_input_video(run)
-    if live is not None and input_video is None:
+    `live` (the API, serve): prompts come from its live timeline unless it follows the run's
+    timeline file; `until_stopped` streams run until stopped, an input file starting over at
+    its end; with browser input, Phase A reads the frames the page sends."""
+    until_stopped = live is not None and live.until_stopped
+    input_video, chunks = open_input_video(run, loop=until_stopped)
+    if live is not None and live.input_frames is not None:
+        input_video = live.input_frames  # frames the page sends while the stream runs
+    if until_stopped:
         chunks = LIVE_CHUNKS
-    text, vae, tiny = build_stage0_parts(run)
+    with StartupProgress.for_rank(run.cfg, 0).stage("building the text encoder and the VAE"):
+        text, vae, tiny = build_stage0_parts(run)
     stage0 = Stage0(
         run.cfg,
-        timeline=live.timeline if live is not None else run.timeline,
+        timeline=live.timeline if live is not None and live.timeline is not None else run.timeline,
         text_encoder=text,
         vae=vae,
         tiny_decoder=tiny,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from streamdit.config import RunConfig
-from streamdit.media import VideoSource
+from streamdit.media import FrameSource
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.model.taehv import StreamingTinyDecoder, TinyVideoDecoder
 from streamdit.model.text import TextEncoder, blend
@@ -58,7 +58,7 @@ class Stage0:
         scheduler: FlowMatchScheduler,
         device: torch.device,
         dtype: torch.dtype,
-        input_video: VideoSource | None = None,
+        input_video: FrameSource | None = None,
         tiny_decoder: TinyVideoDecoder | None = None,
     ) -> None:
         self.cfg = cfg

@@ -9,7 +9,8 @@ rebinding: a hostile name resolving to 127.0.0.1) and other users of a shared ho
 |---------|-------------------------------------------------------------------------------|---------|
 | Host    | when bound to loopback: the Host header names a loopback host and our port     | 421     |
 | token   | `GET /?token=T` sets a `SameSite=Strict; HttpOnly` cookie; every other request | 401     |
-|         | carries that cookie or `Authorization: Bearer T` (compared in constant time)   |         |
+|         | carries that cookie or `Authorization: Bearer T` (compared in constant time),  |         |
+|         | but `GET /health` (it tells a probe only healthy or not)                      |         |
 | Origin  | POST and WebSocket: an Origin header, when present, is this very host          | 403     |
 | body    | a POST with a body declares `Content-Type: application/json`                   | 415     |
 
@@ -31,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Awaitable[None]]
 COOKIE = "streamdit_token"
+OPEN_PATHS = ("/health",)  # GET without a token (a load balancer's probe); Host still checked
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -62,7 +64,8 @@ class Access:
         host = headers.get("host", "")
         if self.loopback_only and not self._our_loopback(host):
             return 421, f"Host {host!r} is not this server (loopback only) [field=host]"
-        if not self._authorized(scope, headers):
+        is_open = scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path") in OPEN_PATHS
+        if not is_open and not self._authorized(scope, headers):
             return 401, "missing or wrong token: open the URL streamdit serve printed [field=token]"
         is_post = scope["type"] == "http" and scope.get("method") == "POST"
         if is_post or scope["type"] == "websocket":

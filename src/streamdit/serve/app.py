@@ -7,28 +7,35 @@ event loop, bound before the stream starts so the page can show start-up). Route
 |------------------|--------------------------------------------------------------------------|
 | `GET /`          | the page: live frames, prompt box (hard cut / soft), start/pause/stop      |
 | `GET /status`    | JSON: state, chunk, epoch, FPS, period p50/p99, queues, ranks, clients     |
-| `POST /prompt`   | `{"prompt": str, "transition": "hard"|"soft"}` -> 202, next chunk boundary |
+| `POST /prompt`   | `{"prompt": str, "transition": "hard"|"soft", "replace": bool}` -> 202 at  |
+|                  | the next chunk boundary; 409 while another change waits, unless replace   |
+| `POST /prompt/cancel` | withdraw the waiting change: `{"cancelled": prompt or null}`         |
+| `GET /health`    | 200 `{"healthy": true, ...}`, or 503 once the stream failed or a rank is   |
+|                  | lost (no token needed: for load balancers and orchestrators)              |
+| `GET /metrics`   | Prometheus text format: frames, chunks, FPS, periods, epoch, viewers, ranks |
 | `POST /pause`    | pause at the next chunk boundary (peers kept alive)                       |
 | `POST /start`    | resume                                                                    |
 | `POST /stop`     | drain and shut every rank down (the process then exits 0)                 |
 | `WS /frames`     | `{"client": id}` first, then one binary message per frame (JPEG); the     |
 |                  | client acknowledges with its                                              |
-|                  | running frame count as text (at most 24 frames go out unacknowledged)     |
+|                  | running frame count as text (at most 24 frames go out unacknowledged);    |
+|                  | with `--browser-input` it may send JPEG input frames (binary, <= 1 MiB),   |
+|                  | which Phase A reads (runtime.live.LiveFrames)                             |
 
 Bad input never reaches the stream: a body over 16 KiB is 413, malformed JSON or a non-object is
 400, an unknown key, an empty or over-long prompt or an unknown transition is 422; every error
 is `{"error": message}` naming the field. Before any route, `access.AccessMiddleware` checks
 the token, Host, Origin and content type. Limits: `MAX_CONNECTIONS` at once (uvicorn answers
 503 beyond, so idle or half-sent connections cannot exhaust the process's files), idle
-keep-alive connections closed after 5 s, WebSocket messages from a viewer (acknowledgements)
-at most 4 KiB, at most `MAX_VIEWERS` viewers (another is closed with 1013, try again later).
+keep-alive connections closed after 5 s, WebSocket messages from a viewer at most 4 KiB
+(acknowledgements; 1 MiB for input frames under `--browser-input`), at most `MAX_VIEWERS`
+viewers (another is closed with 1013, try again later).
 `POST /stop` is idempotent.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
@@ -41,21 +48,23 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from streamdit.errors import ConfigError
-from streamdit.runtime.live import MAX_PROMPT_CHARS, STOP_OVER_HTTP, LiveStream
+from streamdit.runtime.live import MAX_PROMPT_CHARS, STOP_OVER_HTTP, LiveFrames, LiveStream, PendingChange
 from streamdit.serve.access import Access, AccessMiddleware
-from streamdit.serve.hub import Client, FrameHub
+from streamdit.serve.hub import Client, FrameHub, decode_input_frame
+from streamdit.serve.telemetry import health_report, prometheus_text
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 16 * 1024
-PROMPT_KEYS = {"prompt", "transition"}
+PROMPT_KEYS = {"prompt", "transition", "replace"}
 MAX_CONNECTIONS = 64
 MAX_VIEWERS = 16
 MAX_WS_MESSAGE = 4096
+MAX_INPUT_FRAME = 1 << 20  # a viewer's JPEG input frame (--browser-input only)
 HEAD_TIMEOUT_S = 5.0
 
 
@@ -106,12 +115,31 @@ def build_app(live: LiveStream, hub: FrameHub, access: Access, *, height: int, w
             return _error(422, f"unknown keys {unknown}: expected {sorted(PROMPT_KEYS)} [field={unknown[0]}]")
         if "prompt" not in data:
             return _error(422, "missing prompt [field=prompt]")
+        replace = data.get("replace", False)
+        if not isinstance(replace, bool):
+            return _error(422, f"replace must be true or false, got {replace!r} [field=replace]")
         try:
-            accepted = live.submit(data["prompt"], data.get("transition", "soft"))
+            accepted = live.submit(data["prompt"], data.get("transition", "soft"), replace=replace)
+        except PendingChange as exc:
+            return _error(409, str(exc))
         except ConfigError as exc:
             too_long = isinstance(data["prompt"], str) and len(data["prompt"].strip()) > MAX_PROMPT_CHARS
             return _error(413 if too_long else 422, str(exc))
         return JSONResponse(accepted, status_code=202)
+
+    async def cancel(_: Request) -> Response:
+        try:
+            return JSONResponse(live.cancel())
+        except ConfigError as exc:
+            return _error(422, str(exc))
+
+    async def health(_: Request) -> Response:
+        report = health_report(live.status())
+        return JSONResponse(report, status_code=200 if report["healthy"] else 503)
+
+    async def metrics(_: Request) -> Response:
+        text = prometheus_text(live.status(), hub.stats())
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def pause(_: Request) -> Response:
         live.pause()
@@ -132,8 +160,9 @@ def build_app(live: LiveStream, hub: FrameHub, access: Access, *, height: int, w
             return
         client = hub.connect()
         try:
-            await ws.send_text(json.dumps({"client": client.id}))  # finds itself in /status
-            await _pump(ws, client)
+            hello = {"client": client.id, "input": live.input_frames is not None}  # finds itself in /status
+            await ws.send_text(json.dumps(hello))
+            await _pump(ws, client, live.input_frames, height=height, width=width)
         finally:
             hub.disconnect(client)
 
@@ -142,6 +171,9 @@ def build_app(live: LiveStream, hub: FrameHub, access: Access, *, height: int, w
             Route("/", index),
             Route("/status", status),
             Route("/prompt", prompt, methods=["POST"]),
+            Route("/prompt/cancel", cancel, methods=["POST"]),
+            Route("/health", health),
+            Route("/metrics", metrics),
             Route("/pause", pause, methods=["POST"]),
             Route("/start", start, methods=["POST"]),
             Route("/stop", stop, methods=["POST"]),
@@ -151,8 +183,9 @@ def build_app(live: LiveStream, hub: FrameHub, access: Access, *, height: int, w
     )
 
 
-async def _pump(ws: WebSocket, client: Client) -> None:
-    """Send the client's frames within its window until it goes away (see hub.Client)."""
+async def _pump(ws: WebSocket, client: Client, inputs: LiveFrames | None, *, height: int, width: int) -> None:
+    """Send the client's frames within its window until it goes away (see hub.Client); take its
+    acknowledgements (text) and, with browser input, its input frames (binary JPEG)."""
 
     async def send() -> None:
         while True:
@@ -162,11 +195,29 @@ async def _pump(ws: WebSocket, client: Client) -> None:
             client.sent += 1
 
     async def watch() -> None:
-        with contextlib.suppress(WebSocketDisconnect):
-            while True:
-                text = await ws.receive_text()
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            text, data = message.get("text"), message.get("bytes")
+            if text is not None:
+                if len(text) > MAX_WS_MESSAGE:
+                    await ws.close(code=1009, reason="acknowledgements are short")
+                    return
                 if text.strip().isdigit():
                     client.ack(int(text))
+            elif data is not None:
+                if inputs is None:
+                    await ws.close(code=1003, reason="this stream takes no input (serve --browser-input)")
+                    return
+                try:
+                    frame = await asyncio.to_thread(decode_input_frame, data, height=height, width=width)
+                except ValueError as exc:
+                    client.input_rejected += 1
+                    log.warning("viewer %d: an input frame was refused: %s", client.id, exc)
+                    continue
+                inputs.push(frame)
+                client.input_frames += 1
 
     tasks = [asyncio.create_task(send()), asyncio.create_task(watch())]
     try:
@@ -204,7 +255,9 @@ class _BoundedH11(H11Protocol):
 class ServerThread:
     """uvicorn on its own thread and event loop, serving `app` on host:port (0 = any free port)."""
 
-    def __init__(self, app: Starlette, hub: FrameHub, *, host: str, port: int) -> None:
+    def __init__(
+        self, app: Starlette, hub: FrameHub, *, host: str, port: int, max_message: int = MAX_WS_MESSAGE
+    ) -> None:
         self.hub = hub
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -219,7 +272,7 @@ class ServerThread:
             http=_BoundedH11,
             limit_concurrency=MAX_CONNECTIONS,
             timeout_keep_alive=5,
-            ws_max_size=MAX_WS_MESSAGE,
+            ws_max_size=max_message,
             h11_max_incomplete_event_size=MAX_BODY,
         )
         self.server = uvicorn.Server(config)

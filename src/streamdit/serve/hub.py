@@ -5,7 +5,9 @@ Owns: `FrameHub`. The rank0 loop hands every emitted chunk to `publish` (a sink 
 each frame into JPEG bytes. The encoder offers every JPEG to every client's own bounded queue on
 the server's event loop; a client whose queue is full loses that whole frame (counted for that
 client only). Nothing a client does (reading slowly, reading nothing, vanishing) can block the
-encoder, another client, or generation: the loop's cost is one `put_nowait` per chunk.
+encoder, another client, or generation: the loop's cost is one `put_nowait` per chunk. A viewer
+that connects gets the newest frame at once (a stream that is paused, or between two chunks,
+is not a blank page).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class Client:
     sent: int = 0
     acked: int = 0
     dropped: int = 0
+    input_frames: int = 0  # video-to-video frames it sent (--browser-input)
+    input_rejected: int = 0
 
     def ack(self, count: int) -> None:
         if count > self.acked:
@@ -77,6 +81,7 @@ class FrameHub:
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread = threading.Thread(target=self._encode_loop, name="jpeg-encoder", daemon=True)
+        self.last_jpeg: bytes | None = None  # what a new viewer sees first
         self.frames_encoded = 0
         self.chunks_dropped = 0  # the encoder fell behind generation (whole chunks, every client)
 
@@ -104,9 +109,13 @@ class FrameHub:
     # ---- clients (event loop side) -----------------------------------------------------------
 
     def connect(self) -> Client:
+        """On the event loop: a new viewer, its queue already holding the newest frame."""
         client = Client(id=next(self._ids))
         with self._lock:
             self._clients[client.id] = client
+            last = self.last_jpeg
+        if last is not None:
+            client.offer(last)
         return client
 
     def viewers(self) -> int:
@@ -120,7 +129,14 @@ class FrameHub:
     def stats(self) -> dict[str, object]:
         with self._lock:
             clients = [
-                {"id": c.id, "sent": c.sent, "acked": c.acked, "dropped": c.dropped}
+                {
+                    "id": c.id,
+                    "sent": c.sent,
+                    "acked": c.acked,
+                    "dropped": c.dropped,
+                    "input_frames": c.input_frames,
+                    "input_rejected": c.input_rejected,
+                }
                 for c in self._clients.values()
             ]
         return {
@@ -139,16 +155,32 @@ class FrameHub:
                 self._fan_out(jpeg)
 
     def _fan_out(self, jpeg: bytes) -> None:
+        with self._lock:
+            self.last_jpeg = jpeg
+            clients = list(self._clients.values())
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        with self._lock:
-            clients = list(self._clients.values())
         for client in clients:
             try:
                 loop.call_soon_threadsafe(client.offer, jpeg)
             except RuntimeError:  # the loop closed under us (server stopping)
                 return
+
+
+def decode_input_frame(data: bytes, *, height: int, width: int) -> np.ndarray:
+    """A viewer's input frame (JPEG, PNG or WebP) as uint8 [height, width, 3], resized to the
+    stream's geometry; ValueError when it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("JPEG", "PNG", "WEBP"):
+                raise ValueError(f"{image.format} images are not taken")
+            rgb = image.convert("RGB")
+            if rgb.size != (width, height):
+                rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8).copy()
+    except (OSError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"not an image: {exc}") from exc
 
 
 def encode_jpeg(frame: np.ndarray) -> bytes:
