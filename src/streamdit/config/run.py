@@ -294,35 +294,44 @@ class RunConfig:
         1, section="distributed", needs=DISTRIBUTED, help="local ranks streamdit starts itself (tp, pp)"
     )
     dist_timeout_s: float = setting(
-        30.0, section="distributed", parity=True, help="process-group timeout, bounding every collective"
+        30.0,
+        section="distributed",
+        needs=DISTRIBUTED,
+        parity=True,
+        help="process-group timeout, bounding every collective",
     )
     startup_timeout_s: float = setting(
         900.0,
         section="distributed",
+        needs=DISTRIBUTED,
         parity=True,
         help="bounds the wait for peers' startup work, e.g. the compile warm-up",
     )
     watchdog_window_s: float = setting(
         10.0,
         section="distributed",
+        needs=DISTRIBUTED,
         parity=True,
         help="heartbeat silence that ends the job: orphan exit 4 on workers, 6 on rank0",
     )
     input_digest_every: int = setting(
         1,
         section="distributed",
+        needs=DISTRIBUTED,
         parity=True,
         help="compare every rank's Phase B input digests every N chunks (0 = off)",
     )
     output_digest_every: int = setting(
         4,
         section="distributed",
+        needs=DISTRIBUTED,
         parity=True,
         help="compare every rank's generator output digests every N chunks (0 = off)",
     )
     fingerprint_on_init_cache: bool = setting(
         True,
         section="distributed",
+        needs=DISTRIBUTED,
         parity=True,
         help="check weight fingerprints at startup only, not again on each cache re-init",
     )

@@ -215,8 +215,9 @@ class Launch:
         out_dir.mkdir(parents=True, exist_ok=True)
         flags = ["--topology", case.topology, "--height", "32", "--width", "48", "--no-progress"]
         flags += ["--chunks", str(CHUNKS), "--out", str(out_dir / f"v.{case.suffix}")]
-        flags += ["--metrics", str(out_dir / "m.jsonl"), "--watchdog-window", str(WINDOW_S)]
-        flags += ["--dist-timeout", str(DIST_TIMEOUT_S)]
+        flags += ["--metrics", str(out_dir / "m.jsonl")]
+        if case.topology != "single":  # a single process has no peers to time out or watch
+            flags += ["--watchdog-window", str(WINDOW_S), "--dist-timeout", str(DIST_TIMEOUT_S)]
         if self.backend == "nccl":
             flags += ["--device", "cuda"]
         procs = []

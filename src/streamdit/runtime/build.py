@@ -297,16 +297,21 @@ def build_stage0_parts(run: ValidatedRun) -> tuple[TextEncoder, CausalVideoVAE, 
     return text, vae, build_tiny_decoder(cfg, run.device, run.dtype)
 
 
+def compiles_decoder(run: ValidatedRun) -> bool:
+    """Whether Stage 0's build compiles the Wan decoder (see `_compile_decoder`)."""
+    return run.cfg.compile and run.device.type == "cuda" and run.cfg.vae == "wan"
+
+
 def _compile_decoder(run: ValidatedRun, vae: CausalVideoVAE) -> None:
     """--compile on CUDA with the Wan decoder showing the frames: its decode step as one graph
     (`CausalVideoVAE.compile_decoder`), its narrow convs folded into 2-D convs (4 ms a chunk at
     320x576 for ~50 s more cold compile: docs/performance.md), compiled here by a warm-up,
     before the stream's clock starts. The backend is --compile-backend's, in its default mode
-    (a CUDA-graph mode would reuse the buffers the stream's cache keeps). Not under tp, whose
-    rank0 builds Stage 0 after the startup rendezvous, where a compile would run under
-    --dist-timeout."""
+    (a CUDA-graph mode would reuse the buffers the stream's cache keeps). Every topology's
+    rank0 builds Stage 0 before its startup barrier (`all_ready`), so the compile runs under
+    --startup-timeout."""
     cfg = run.cfg
-    if not cfg.compile or run.device.type != "cuda" or cfg.vae == "tiny" or cfg.topology == "tp":
+    if not compiles_decoder(run):
         return
     t0 = time.perf_counter()
     vae.fold_time_taps(vae.decoder)

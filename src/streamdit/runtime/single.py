@@ -11,7 +11,13 @@ import logging
 
 from streamdit.config import RunConfig
 from streamdit.model.scheduler import FlowMatchScheduler
-from streamdit.runtime.build import ValidatedRun, build_stage0_parts, open_input_video, validate_run
+from streamdit.runtime.build import (
+    ValidatedRun,
+    build_stage0_parts,
+    compiles_decoder,
+    open_input_video,
+    validate_run,
+)
 from streamdit.runtime.driver import RunSummary, drive
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.live import LiveStream
@@ -38,7 +44,10 @@ def build_stage0(run: ValidatedRun, live: LiveStream | None = None) -> tuple[Sta
         input_video = live.input_frames  # frames the page sends while the stream runs
     if until_stopped:
         chunks = LIVE_CHUNKS
-    with StartupProgress.for_rank(run.cfg, 0).stage("building the text encoder and the VAE"):
+    stage = "building the text encoder and the VAE"
+    if compiles_decoder(run):
+        stage += " (compiling its decoder and warming it up)"
+    with StartupProgress.for_rank(run.cfg, 0).stage(stage):
         text, vae, tiny = build_stage0_parts(run)
     stage0 = Stage0(
         run.cfg,

@@ -40,6 +40,7 @@ from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GENERATOR_INPUT_FIELDS, GeneratorInputs
 from streamdit.runtime.session import RankSession, liveness_of, rank_session
 from streamdit.runtime.single import build_stage0
+from streamdit.runtime.stage0 import Stage0
 
 log = logging.getLogger(__name__)
 TP_PLAN = "generator_only"
@@ -72,12 +73,16 @@ def run_tp(
             faults=ChannelFaults(skip_sender_validation=faults.skip_sender_validation),
             **session.channel_kw(),
         )
+        # rank0's Stage 0 (text encoder, VAE; under --compile its decoder compiles) before
+        # all_ready: the workers wait for it under --startup-timeout, not in their first
+        # receive under --dist-timeout
+        stage0 = build_stage0(run, live) if launch.rank == 0 else None
         session.all_ready()
         summary = None
-        if launch.rank == 0:
+        if stage0 is not None:
             if live is not None:
                 live.liveness = liveness_of(session)
-            summary = _rank0(run, phase_b, channel, faults, stop, session, live)
+            summary = _rank0(run, stage0, phase_b, channel, faults, stop, session, live)
         else:
             phase_b.serve(channel.recv, source="rank0")
         session.done = True
@@ -119,6 +124,7 @@ def tp_envelope(
 
 def _rank0(
     run: ValidatedRun,
+    built: tuple[Stage0, int],
     phase_b: PhaseB,
     channel: BroadcastChannel,
     faults: FaultPlan,
@@ -126,7 +132,7 @@ def _rank0(
     session: RankSession,
     live: LiveStream | None,
 ) -> RunSummary:
-    stage0, chunks = build_stage0(run, live)
+    stage0, chunks = built
 
     def publish(ids: Ids, inputs: GeneratorInputs) -> None:
         channel.send(tp_envelope(Action.INFER, ids, faults.shipped(ids.chunk_index, inputs)))
