@@ -259,3 +259,31 @@ def test_the_webcam_reaches_phase_a_and_changes_the_video(tmp_path: Path) -> Non
     assert after > 100 * max(diff[:before].mean(), 1e-3), (
         f"the camera's frames did not change the video: {after}"
     )
+
+
+def test_a_video_file_chosen_on_the_page_reaches_phase_a(page: Page, tmp_path: Path) -> None:
+    """The other browser source: a file picked in the page (WebM, which Chromium plays without
+    proprietary codecs), played in a loop and sent frame by frame like the webcam."""
+    import av
+    import numpy as np
+
+    clip = tmp_path / "pick.webm"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("libvpx", rate=16)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for k in range(32):
+            frame = np.full((64, 96, 3), (40 + 6 * k) % 256, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with ServeProcess(tmp_path, "--browser-input", "--start-paused") as server:
+        page.goto(server.page_url)
+        expect(page.locator("#input-panel")).to_be_visible(timeout=60_000)
+        page.set_input_files("#file", str(clip))
+        expect(page.locator("#input-state")).to_have_text("sending pick.webm", timeout=30_000)
+        server.wait_for(lambda s: s["input"]["received"] >= 12, "file frames at the server")
+        page.click("#start")
+        server.wait_for(lambda s: s["input"]["used"] >= 12, "file frames used by Phase A")
+        assert server.status()["clients"][0]["input_rejected"] == 0
+        assert server.stop() == 0, server.log()
