@@ -71,7 +71,9 @@ def smoke_serve(tmp: Path) -> None:
         with connect(ws_url, additional_headers={"Authorization": f"Bearer {token}"}, open_timeout=10) as ws:
             hello = json.loads(ws.recv(timeout=10))
             frame = ws.recv(timeout=60)
-            assert "client" in hello and isinstance(frame, bytes) and frame[:2] == b"\xff\xd8", hello
+            while isinstance(frame, str):  # chunk markers ({"chunk": k, "frames": n}) come first
+                frame = ws.recv(timeout=60)
+            assert "client" in hello and frame[:2] == b"\xff\xd8", hello
         assert _request(url + "stop", token, method="POST")[0] == 202
         assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
         print("smoke: serve answered, streamed a JPEG frame and stopped with exit 0")

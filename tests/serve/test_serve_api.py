@@ -150,12 +150,20 @@ def test_frames_arrive_as_jpeg_and_change(server: ServeProcess) -> None:
     with server.ws_connect() as ws:
         hello = json.loads(ws.recv(timeout=30))  # the client's id, to find itself in /status
         assert hello["client"] in {c["id"] for c in server.status()["clients"]}
+        markers = []
         while len(frames) < 30:
-            frames.append(ws.recv(timeout=30))
+            message = ws.recv(timeout=30)
+            if isinstance(message, str):  # the next chunk's marker: its index and frame count
+                markers.append(json.loads(message))
+                continue
+            frames.append(message)
             ws.send(str(len(frames)))
     images = [Image.open(io.BytesIO(f)) for f in frames]
     assert all(im.format == "JPEG" and im.size == (96, 64) for im in images)
     assert len({f for f in frames}) > 1  # the stream moves
+    assert len(markers) >= 2 and all(m["frames"] == 12 for m in markers[1:]), markers
+    indices = [m["chunk"] for m in markers]
+    assert indices == list(range(indices[0], indices[0] + len(indices)))  # in order, none skipped
 
 
 def test_a_viewer_that_vanishes_costs_nothing(server: ServeProcess) -> None:

@@ -17,6 +17,7 @@ event loop, bound before the stream starts so the page can show start-up). Route
 | `POST /start`    | resume                                                                    |
 | `POST /stop`     | drain and shut every rank down (the process then exits 0)                 |
 | `WS /frames`     | `{"client": id}` first, then one binary message per frame (JPEG); the     |
+|                  | a text marker `{"chunk": k, "frames": n}` ahead of each chunk's frames; the |
 |                  | client acknowledges with its                                              |
 |                  | running frame count as text (at most 24 frames go out unacknowledged);    |
 |                  | with `--browser-input` it may send JPEG input frames (binary, <= 1 MiB),   |
@@ -190,8 +191,11 @@ async def _pump(ws: WebSocket, client: Client, inputs: LiveFrames | None, *, hei
     async def send() -> None:
         while True:
             await client.wait_for_window()
-            jpeg = await client.queue.get()
-            await ws.send_bytes(jpeg)
+            item = await client.queue.get()
+            if isinstance(item, str):  # a chunk marker: outside the frame window
+                await ws.send_text(item)
+                continue
+            await ws.send_bytes(item)
             client.sent += 1
 
     async def watch() -> None:

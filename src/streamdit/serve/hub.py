@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -44,7 +45,8 @@ class Client:
     """
 
     id: int
-    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(CLIENT_QUEUE_FRAMES))
+    # JPEG frames, and before each chunk's frames a text marker `{"chunk": k, "frames": n}`
+    queue: asyncio.Queue[bytes | str] = field(default_factory=lambda: asyncio.Queue(CLIENT_QUEUE_FRAMES))
     credit: asyncio.Event = field(default_factory=asyncio.Event)
     sent: int = 0
     acked: int = 0
@@ -62,12 +64,13 @@ class Client:
             self.credit.clear()
             await self.credit.wait()
 
-    def offer(self, jpeg: bytes) -> None:
-        """On the event loop: enqueue, or drop this frame for this client only."""
+    def offer(self, item: bytes | str) -> None:
+        """On the event loop: enqueue, or drop this frame (or marker) for this client only."""
         try:
-            self.queue.put_nowait(jpeg)
+            self.queue.put_nowait(item)
         except asyncio.QueueFull:
-            self.dropped += 1
+            if isinstance(item, bytes):
+                self.dropped += 1
 
 
 class FrameHub:
@@ -75,7 +78,7 @@ class FrameHub:
 
     def __init__(self, fps: int) -> None:
         self.fps = fps
-        self._chunks: queue.Queue[np.ndarray | None] = queue.Queue()
+        self._chunks: queue.Queue[tuple[np.ndarray, int] | None] = queue.Queue()
         self._clients: dict[int, Client] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -104,7 +107,7 @@ class FrameHub:
                 self.chunks_dropped += 1
             except queue.Empty:
                 break
-        self._chunks.put(frames)
+        self._chunks.put((frames, record.chunk_index))
 
     # ---- clients (event loop side) -----------------------------------------------------------
 
@@ -148,22 +151,26 @@ class FrameHub:
     # ---- encoder thread ---------------------------------------------------------------------
 
     def _encode_loop(self) -> None:
-        while (frames := self._chunks.get()) is not None:
+        while (item := self._chunks.get()) is not None:
+            frames, chunk_index = item
+            # the page paces playback to when chunks arrive (it sees generation's rate, not --fps)
+            self._fan_out(json.dumps({"chunk": chunk_index, "frames": int(frames.shape[0])}))
             for frame in frames:
                 jpeg = encode_jpeg(frame)
                 self.frames_encoded += 1
                 self._fan_out(jpeg)
 
-    def _fan_out(self, jpeg: bytes) -> None:
+    def _fan_out(self, item: bytes | str) -> None:
         with self._lock:
-            self.last_jpeg = jpeg
+            if isinstance(item, bytes):
+                self.last_jpeg = item
             clients = list(self._clients.values())
         loop = self._loop
         if loop is None or loop.is_closed():
             return
         for client in clients:
             try:
-                loop.call_soon_threadsafe(client.offer, jpeg)
+                loop.call_soon_threadsafe(client.offer, item)
             except RuntimeError:  # the loop closed under us (server stopping)
                 return
 
