@@ -8,6 +8,7 @@ $STREAMDIT_ARTIFACTS) for a human to look at.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -185,10 +186,11 @@ def test_placeholder_then_a_stable_layout_the_last_frame_for_a_new_viewer_and_a_
 
 
 def test_playback_is_paced_to_a_slow_generation_rate(page: Page, tmp_path: Path) -> None:
-    """Generation at about a third of the page's --fps (a chunk of 12 frames every ~1.6 s): the
+    """Generation at about a quarter of the page's --fps (a chunk of 12 frames every ~3 s): the
     page shows frames evenly at the generation rate, not a chunk at --fps and then a freeze. The
-    rate is measured over the same window as the display, from when the chunks arrived."""
-    with ServeProcess(tmp_path, hooks={"STREAMDIT_TEST_SLOW_CHUNK_MS": "1500"}) as server:
+    rate is measured over the same window as the display, from when the chunks arrived. The
+    intervals go to artifacts/serve_paced_intervals.json."""
+    with ServeProcess(tmp_path, hooks={"STREAMDIT_TEST_SLOW_CHUNK_MS": "3000"}) as server:
         page.goto(server.page_url)
         page.wait_for_function("window.streamdit.shownAt.length >= 36", timeout=120_000)  # settled
         start = page.evaluate("window.streamdit.shownAt.length")
@@ -201,10 +203,15 @@ def test_playback_is_paced_to_a_slow_generation_rate(page: Page, tmp_path: Path)
     generated = sum(n for _, n in window[:-1]) / ((window[-1][0] - window[0][0]) / 1000)
     intervals = sorted(b - a for a, b in zip(shown, shown[1:], strict=False))
     expected = 1000 / generated
+    record = {"generated_fps": generated, "expected_interval_ms": expected, "intervals_ms": intervals}
+    (ARTIFACTS / "serve_paced_intervals.json").write_text(json.dumps(record, indent=1))
     p10, p50, p90 = (intervals[int(q * (len(intervals) - 1))] for q in (0.1, 0.5, 0.9))
     assert generated < 10, f"generation was not slow: {generated:.1f} FPS"
-    for name, value in (("p10", p10), ("median", p50), ("p90", p90)):
-        assert abs(value - expected) <= 0.2 * expected, (name, value, expected, intervals)
+    # the pace: the median display interval within 20 % of the generation rate's
+    assert abs(p50 - expected) <= 0.2 * expected, (p50, expected, intervals)
+    # evenly: 80 % of the intervals within 50 % of it (a browser's timers slip on a loaded
+    # machine); a chunk at --fps then a freeze puts p10 at ~0.3x and p90 at several x
+    assert 0.5 * expected <= p10 and p90 <= 1.5 * expected, (p10, p90, expected, intervals)
 
 
 def test_the_webcam_reaches_phase_a_and_changes_the_video(tmp_path: Path) -> None:
