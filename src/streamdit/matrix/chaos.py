@@ -350,7 +350,9 @@ def _record(result: CaseResult, codes: dict[int, int | None], at: dict[int, floa
 
 def _finish(result: CaseResult, out_dir: Path) -> CaseResult:
     case = result.case
-    rows = _rows(out_dir / "m.jsonl")
+    metrics = out_dir / "m.jsonl"
+    read = read_metrics(metrics) if metrics.exists() else None
+    rows = read.chunks if read is not None else []
     result.chunks, result.claimed = len(rows), sum(r["frames"] for r in rows)
     try:
         result.frames = strict_frames(out_dir / f"v.{case.suffix}")
@@ -364,7 +366,7 @@ def _finish(result: CaseResult, out_dir: Path) -> CaseResult:
         result.problems.append(
             f"{result.chunks} chunks kept, {result.chunks_at_fault} were written at the fault"
         )
-    _check_summary(result, out_dir / "m.jsonl")
+    _check_summary(result, read.summary if read is not None else None)
     if case.kind == "stop" and case.role == "alone" and result.chunks != CHUNKS:
         result.problems.append(f"a resumed single run kept {result.chunks} of {CHUNKS} chunks")
     failed_job = any(c != 0 for c in result.codes.values())
@@ -380,10 +382,9 @@ def _finish(result: CaseResult, out_dir: Path) -> CaseResult:
     return result
 
 
-def _check_summary(result: CaseResult, metrics: Path) -> None:
+def _check_summary(result: CaseResult, summary: dict | None) -> None:
     """rank0's summary line: there whenever rank0 ended by itself (a clean drain or a verdict;
     not a SIGKILL, and a full disk may refuse it), and true to the chunk lines."""
-    summary = read_metrics(metrics).summary if metrics.exists() else None
     if summary is None:
         if result.codes.get(0) == 0:
             result.problems.append("rank0 exited 0 without a summary line")

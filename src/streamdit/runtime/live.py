@@ -29,10 +29,11 @@ import numpy as np
 
 from streamdit.errors import ConfigError
 from streamdit.runtime.liveness import StopFlag
-from streamdit.runtime.metrics import ChunkMetrics, percentile
+from streamdit.runtime.metrics import ChunkMetrics, percentile, periods_ms
 from streamdit.runtime.timeline import PromptState, TimelineEntry, state_at
 
 LIVE_TRANSITIONS = {"hard": "cut", "soft": "soft"}  # page / API name -> timeline transition
+LIVE_KINDS = {v: k for k, v in LIVE_TRANSITIONS.items()}  # and back
 MAX_PROMPT_CHARS = 2000
 STOP_OVER_HTTP = "stop requested over HTTP"  # the drain reason of serve's stop (exit 0, like SIGTERM)
 PERIOD_WINDOW = 200  # chunk periods kept for p50 / p99
@@ -305,13 +306,8 @@ class LiveStream:
             )
             frames_total, idle = self._frames_total, self._idle
         prompt, pending = self.timeline.current() if self.timeline is not None else (None, None)
-        live_kind = {v: k for k, v in LIVE_TRANSITIONS.items()}
         last = emitted[-1].record if emitted else None
-        # a pause is not slow generation: each period is less the idle time before its chunk
-        periods = [
-            max(0.0, (b.t - a.t) * 1e3 - b.record.paused_ms)
-            for a, b in zip(emitted, emitted[1:], strict=False)
-        ]
+        periods = periods_ms([(e.t, e.record) for e in emitted])
         recent = periods[-FPS_WINDOW:]
         span_s = sum(recent) / 1e3
         fps = sum(e.record.frames for e in emitted[-len(recent) :]) / span_s if span_s > 0 else None
@@ -320,7 +316,7 @@ class LiveStream:
             "idle": idle,
             "prompt": prompt,
             "pending_prompt": pending[0] if pending else None,
-            "pending_transition": live_kind[pending[1]] if pending else None,
+            "pending_transition": LIVE_KINDS[pending[1]] if pending else None,
             "frames_per_chunk": last.frames if last else None,
             "chunk_index": last.chunk_index if last else None,
             "cache_epoch": last.cache_epoch if last else None,

@@ -63,14 +63,17 @@ CHUNK_RECORD = "chunk"
 SUMMARY_RECORD = "summary"
 
 
-def chunk_periods_ms(records: Sequence[ChunkMetrics]) -> list[float]:
-    """Delivery periods between successive written chunks (`emit_s`), each less the time the
-    loop was paused before its chunk."""
+def periods_ms(timed: Sequence[tuple[float, ChunkMetrics]]) -> list[float]:
+    """Periods between successive chunks given as (seconds, record), each less the time the
+    loop was paused before its chunk: a pause is not slow generation."""
     return [
-        max(0.0, (b.emit_s - a.emit_s) * 1e3 - b.paused_ms)
-        for a, b in zip(records, records[1:], strict=False)
-        if a.emit_s is not None and b.emit_s is not None
+        max(0.0, (tb - ta) * 1e3 - b.paused_ms) for (ta, _), (tb, b) in zip(timed, timed[1:], strict=False)
     ]
+
+
+def chunk_periods_ms(records: Sequence[ChunkMetrics]) -> list[float]:
+    """Delivery periods between successive written chunks, on their `emit_s` clock."""
+    return periods_ms([(r.emit_s, r) for r in records if r.emit_s is not None])
 
 
 def percentile(values: Sequence[float], q: int) -> float | None:
