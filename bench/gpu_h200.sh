@@ -30,6 +30,69 @@ issue17_wan14b_jobs() {
 }
 
 case $stage in
+final17)
+    # issue 17's table: the landed default (.base/src) beside today's bf16, --fp8 and
+    # --fp8 --vae tiny, each plain and with a soft prompt change from chunk 1 on
+    W="${WAN[*]} --chunks 10" S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17.json" --skip 2 --job-timeout 200 \
+        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "bf16-soft=$W $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    ;;
+soft17)
+    # plain beside soft streams, run with an experiment since reverted (Phase B queued once the
+    # previous chunk's Phase B ran, not its decode): docs/performance.md, "End to end"; the
+    # device budget cut it after its first 3 jobs
+    W="${WAN[*]} --chunks 10" S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_soft17.json" --skip 2 --job-timeout 200 \
+        --job "fp8-tiny=$W --fp8 --vae tiny" --job "fp8-tiny-soft=$W --fp8 --vae tiny $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "bf16=$W" --job "bf16-soft=$W $S"
+    ;;
+graphs17)
+    # issue 17: CUDA graphs of the generator's calls; the GPU tests, then the wan-14b table
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py 2>&1 | tail -5
+    W="${WAN[*]} --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_graphs17.json" --skip 2 --job-timeout 200 \
+        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "fp8=$W --fp8" \
+        --job "fp8-tiny=$W --fp8 --vae tiny"
+    ;;
+refill17)
+    # issue 17: the text K/V refill of a blend step as a CUDA graph. The GPU tests, a profile of
+    # a soft --fp8 stream (every chunk a blend step), then --fp8 plain beside soft
+    timeout 300 python -m pytest -q -p no:cacheprovider tests/unit/test_graphs.py 2>&1 | tail -5
+    S="--timeline bench/soft_stream.json"
+    python bench/profile_stream.py --out "$OUT/profile_wan14b_fp8_soft_h200.json" --timeout 280 \
+        --flags "${WAN[*]} --chunks 7 --profile-from 4 --profile-chunks 2 --fp8 $S"
+    W="${WAN[*]} --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_refill17.json" --skip 2 --job-timeout 200 \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S"
+    ;;
+final17b)
+    # issue 17's table again with the text-refill graphs, then the GPU tests (in what is left of
+    # the device call's 10 minutes)
+    W="${WAN[*]} --chunks 10" S="--timeline bench/soft_stream.json"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17b.json" --skip 2 --job-timeout 200 \
+        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "bf16-soft=$W $S" \
+        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    timeout 110 python -m pytest -q -p no:cacheprovider --show-capture=no --tb=short \
+        tests/unit/test_graphs.py 2>&1 | grep -v "^DEBUG" | tail -30
+    ;;
+sf17)
+    # issue 17: the GPU tests, then wan-1.3b at 480x832 (Self-Forcing's setting) beside the
+    # landed default (.base/src), with the full Wan decoder and with --vae tiny
+    timeout 300 python -m pytest -q -p no:cacheprovider -rf tests/unit/test_graphs.py 2>&1 | tail -40
+    SF="--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --compile --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan13b_480x832_h200_final17.json" --skip 2 --job-timeout 200 \
+        --src 1.3b-before=.base/src --job "1.3b-before=$SF" --job "1.3b=$SF" --job "1.3b-tiny=$SF --vae tiny"
+    ;;
+profile17)
+    # issue 17: where the chunk period goes on the device (streamdit run --profile, read back)
+    python bench/profile_stream.py --out "$OUT/profile_wan14b_bf16_h200.json" --timeout 280 \
+        --flags "${WAN[*]} --chunks 7 --profile-from 4 --profile-chunks 2"
+    python bench/profile_stream.py --out "$OUT/profile_wan14b_fp8_tiny_h200.json" --timeout 280 \
+        --flags "${WAN[*]} --chunks 7 --profile-from 4 --profile-chunks 2 --fp8 --vae tiny"
+    ;;
 text)
     python bench/make_random_umt5.py /tmp/umt5-xxl --device cuda | tee "$OUT/umt5_folder.json"
     cat >/tmp/prompts.json <<'TL'

@@ -67,6 +67,10 @@ def test_warmup_plan_reaches_the_steady_window_then_a_soft_chunk(recompute: str)
     # the window (6 frames) is full and evicting before the last two chunks
     assert chunks[-2].current_start_frame >= cfg.local_attn_frames + cfg.frames_per_chunk
     assert [c.kv_cache_attention_bias for c in chunks[-2:]] == [1.0, cfg.soft_bias]
+    # the soft chunk brings a new conditioning (a blend step), so its text K/V refill warms up
+    assert [c.conditioning_updated for c in chunks[-2:]] == [False, True]
+    assert chunks[-1].reset_crossattn_cache
+    assert not torch.equal(chunks[-1].conditioning_embeds, chunks[-2].conditioning_embeds)
     for k, c in enumerate(chunks):
         c.check()  # a plan the generator accepts
         assert c.cache_policy == cfg.cache_policy.value

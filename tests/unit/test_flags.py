@@ -40,6 +40,7 @@ SHARED = [
     "--local-attn-frames",
     "--log-level",
     "--metrics",
+    "--no-cuda-graphs",
     "--no-fingerprint-on-init-cache",
     "--no-kv-recompute",
     "--no-progress",
@@ -47,6 +48,9 @@ SHARED = [
     "--out",
     "--output-digest-every",
     "--preset",
+    "--profile",
+    "--profile-chunks",
+    "--profile-from",
     "--prompt",
     "--queue-depth",
     "--recipe",
@@ -156,14 +160,18 @@ def test_docs_flags_md_is_what_the_declarations_generate() -> None:
 
 
 def test_every_no_effect_rule_fires_naming_its_flag() -> None:
-    cfg = RunConfig(timeline=Path("tl.json"))  # --prompt does nothing beside a timeline
+    # --prompt does nothing beside a timeline; --profile nothing under pp (rank0 has no Phase B)
+    configs = [RunConfig(timeline=Path("tl.json")), RunConfig(topology="pp", nproc=3)]
     fired = set()
-    for command in ("run", "serve"):
-        for d in declared(RunConfig):
-            if d.setting.needs is None or d.setting.needs[0](cfg, command):
-                continue
-            with pytest.raises(ConfigError, match=f"{d.flag} has no effect here: it needs .*field={d.name}"):
-                check_no_effect(cfg, command, {d.name})
-            fired.add(d.name)
+    for cfg in configs:
+        for command in ("run", "serve"):
+            for d in declared(RunConfig):
+                if d.setting.needs is None or d.setting.needs[0](cfg, command):
+                    continue
+                with pytest.raises(
+                    ConfigError, match=f"{d.flag} has no effect here: it needs .*field={d.name}"
+                ):
+                    check_no_effect(cfg, command, {d.name})
+                fired.add(d.name)
     assert fired == {d.name for d in declared(RunConfig) if d.setting.needs is not None}
-    check_no_effect(cfg, "run", {d.name for d in declared(RunConfig) if d.setting.needs is None})
+    check_no_effect(configs[0], "run", {d.name for d in declared(RunConfig) if d.setting.needs is None})

@@ -221,6 +221,14 @@ def test_cross_cache_lifecycle() -> None:
     cc.store(0, k, v)
     assert not cc.filled  # layer 1 still missing
     cc.store(1, k, v)
-    assert cc.filled and cc.lookup(1)[0] is k
+    held = cc.lookup(1)
+    assert cc.filled and torch.equal(held[0], k) and torch.equal(held[1], v)
     cc.reset()
     assert not cc.filled and cc.lookup(0) is None and cc.lookup(1) is None
+    # a new conditioning of the same layout lands in the same storage (CUDA graphs read it there)
+    cc.store(1, k * 2, v + 3)
+    again = cc.lookup(1)
+    assert [t.data_ptr() for t in again] == [t.data_ptr() for t in held]
+    assert torch.equal(again[0], k * 2) and torch.equal(again[1], v + 3)
+    cc.store(0, torch.ones(1, 5, 2, 4), v)  # another layout: new storage, not a resize
+    assert cc.lookup(0)[0].shape == (1, 5, 2, 4)

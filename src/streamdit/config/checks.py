@@ -32,9 +32,17 @@ def check_run_config(cfg: RunConfig) -> None:
 
 
 def _check_ranges(cfg: RunConfig) -> None:
-    for name in ("nproc", "chunks", "frames_per_chunk", "blend_chunks", "queue_depth", "fps"):
+    for name in (
+        "nproc",
+        "chunks",
+        "frames_per_chunk",
+        "blend_chunks",
+        "queue_depth",
+        "fps",
+        "profile_chunks",
+    ):
         _check(getattr(cfg, name) >= 1, name, f"must be >= 1, got {getattr(cfg, name)}")
-    for name in ("graph_break_budget", "input_digest_every", "output_digest_every"):
+    for name in ("graph_break_budget", "input_digest_every", "output_digest_every", "profile_from"):
         _check(getattr(cfg, name) >= 0, name, f"must be >= 0, got {getattr(cfg, name)}")
     for name in ("startup_timeout_s", "dist_timeout_s", "watchdog_window_s", "shift"):
         _check(getattr(cfg, name) > 0, name, f"must be > 0, got {getattr(cfg, name)}")

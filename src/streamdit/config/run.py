@@ -62,7 +62,19 @@ def _with_checkpoint(cfg: RunConfig, command: str) -> bool:
     return cfg.checkpoint is not None
 
 
+def _profiled(cfg: RunConfig, command: str) -> bool:
+    return cfg.profile is not None and cfg.topology != "pp"
+
+
+def _graphed(cfg: RunConfig, command: str) -> bool:
+    # inductor's cudagraph modes capture graphs of their own, which must not nest in ours
+    own_graphs = cfg.compile_mode in ("reduce-overhead", "max-autotune")
+    return cfg.compile and cfg.topology == "single" and cfg.device.startswith("cuda") and not own_graphs
+
+
 COMPILED = (_compiled, "--compile")
+GRAPHED = (_graphed, "--compile on a CUDA device, --topology single and a mode without inductor's cudagraphs")
+PROFILED = (_profiled, "--profile and --topology single or tp (rank0's chunk loop)")
 DISTRIBUTED = (_distributed, "--topology tp or pp (single runs one process)")
 
 
@@ -239,6 +251,15 @@ class RunConfig:
         help="the run's summary as one JSON file: FPS, time to first frame, chunk period p50 / p99, "
         "startup, pp overlap (the metrics file's last line)",
     )
+    profile: Path | None = setting(
+        None,
+        section="output",
+        needs=(lambda cfg, command: cfg.topology != "pp", "--topology single or tp (rank0's chunk loop)"),
+        help="a torch.profiler Chrome trace (.json) of rank0's chunks --profile-from .. +--profile-chunks "
+        "(bench/profile_stream.py reads it)",
+    )
+    profile_from: int = setting(3, section="output", needs=PROFILED, help="first chunk profiled")
+    profile_chunks: int = setting(2, section="output", needs=PROFILED, help="chunks profiled")
     fps: int = setting(
         16, section="output", help="frame rate written into the .mp4 (serve: the page's pace at first)"
     )
@@ -271,6 +292,13 @@ class RunConfig:
         parity=True,
         needs=COMPILED,
         help="graph breaks allowed per generator call once warmed up (more fails at startup)",
+    )
+    cuda_graphs: bool = setting(
+        True,
+        section="compile",
+        needs=GRAPHED,
+        help="launch every generator call and text K/V refill kernel by kernel, not as CUDA graph "
+        "replays (captured at startup; they keep the device from waiting on the host)",
     )
     warmup: str = setting(
         "auto",
@@ -374,6 +402,10 @@ class RunConfig:
         if self.warmup == "auto":
             return self.topology != "single" and device_type == "cuda"
         return self.warmup == "on"
+
+    def graphs_calls(self) -> bool:
+        """Whether the generator's calls replay CUDA graphs (see `cuda_graphs`)."""
+        return self.cuda_graphs and _graphed(self, "run")
 
     @classmethod
     def for_recipe(cls, recipe: str, **settings: object) -> RunConfig:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,20 @@ from streamdit.model.rope import apply_rope, rope_angles
 
 Tensor = torch.Tensor
 Rope = tuple[Tensor, Tensor]
+
+
+class ChunkCall(NamedTuple):
+    """One generator call's tensor inputs (`forward_chunk`'s arguments, in order)."""
+
+    x: Tensor
+    timestep: Tensor
+    rope: Rope
+    key_bias: KeyBias | None
+    layer_kvs: list[LayerKV]
+    text_kvs: list[LayerKV]
+    slots: ChunkSlots
+
+
 _Factory = dict[str, Any]  # {"device": ..., "dtype": ...} for every parameter
 
 
@@ -338,6 +352,35 @@ class CausalWanDiT(nn.Module):
         `kv_bias` in (0, 1] multiplies the attention weight of keys from earlier chunks, except
         the first `kv_bias_spare_frames` cached frames.
         """
+        call = self.prepare(
+            x,
+            timestep,
+            context,
+            kv_cache=kv_cache,
+            cross_cache=cross_cache,
+            start_frame=start_frame,
+            kv_bias=kv_bias,
+            kv_bias_spare_frames=kv_bias_spare_frames,
+        )
+        return self.forward_chunk(*call)
+
+    def prepare(
+        self,
+        x: Tensor,
+        timestep: Tensor,
+        context: Tensor,
+        *,
+        kv_cache: KVCache,
+        cross_cache: CrossAttnCache,
+        start_frame: int,
+        kv_bias: float = 1.0,
+        kv_bias_spare_frames: int = 0,
+        fill_text: Callable[[Tensor, CrossAttnCache], None] | None = None,
+    ) -> ChunkCall:
+        """`forward`'s bookkeeping (checks, slots, RoPE, bias, text K/V): `forward_chunk`'s inputs.
+
+        `fill_text` computes a new conditioning's text K/V into `cross_cache` when it is empty
+        (default `fill_cross_cache`; the runtime passes a CUDA-graphed one)."""
         grid = self._check_inputs(x, timestep, context, kv_cache, cross_cache, kv_bias)
         slots = kv_cache.begin_chunk(start_frame, grid[0])
         positions = torch.arange(grid[0], device=x.device) + start_frame
@@ -345,11 +388,11 @@ class CausalWanDiT(nn.Module):
         spare = kv_bias_spare_frames * kv_cache.tokens_per_frame
         key_bias = kv_key_bias(slots, kv_bias, device=x.device, spare_tokens=spare)
         if not cross_cache.filled:
-            self._fill_cross_cache(context, cross_cache)
+            (fill_text or self.fill_cross_cache)(context, cross_cache)
         layer_kvs = [kv_cache.layer(i) for i in range(len(self.blocks))]
-        return self.forward_chunk(x, timestep, rope, key_bias, layer_kvs, cross_cache.layers(), slots)
+        return ChunkCall(x, timestep, rope, key_bias, layer_kvs, cross_cache.layers(), slots)
 
-    def _fill_cross_cache(self, context: Tensor, cross_cache: CrossAttnCache) -> None:
+    def fill_cross_cache(self, context: Tensor, cross_cache: CrossAttnCache) -> None:
         """Text K/V of every layer, once per conditioning (new prompt or a cache reset)."""
         text = _linear_seq(self.text_embedding, context)
         kvs = [block.cross_attn.text_kv(text) for block in self.blocks]

@@ -235,6 +235,10 @@ class CrossAttnCache:
     run once per cache lifetime. The runtime calls `reset()` when `conditioning_updated` or
     `reset_crossattn_cache` is set (and on a hard cut); the generator then rebuilds every layer on
     its next call. Under TP each rank stores its local heads only.
+
+    Storage is kept across resets: a new conditioning of the same shape is copied into the
+    tensors the last one occupied, so a layer's text K/V keep their addresses for the cache's
+    life (a CUDA graph of a generator call reads them in place: runtime/graphs.py).
     """
 
     def __init__(self, num_layers: int) -> None:
@@ -242,6 +246,7 @@ class CrossAttnCache:
             raise ConfigError(f"cross_cache.num_layers: must be >= 1, got {num_layers}")
         self.num_layers = num_layers
         self._kv: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self._storage: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def reset(self) -> None:
         """Forget every layer's text K/V; the next generator call recomputes them."""
@@ -262,6 +267,32 @@ class CrossAttnCache:
             raise ConfigError("cross_cache: read before every layer was filled (reset it and rebuild)")
         return [entry for entry in self._kv if entry is not None]
 
+    def storage(self) -> list[LayerKV] | None:
+        """Every layer's storage (where the next conditioning of its layout is written), or
+        None while some layer has none yet."""
+        held = [entry for entry in self._storage if entry is not None]
+        return held if len(held) == self.num_layers else None
+
+    def adopt_storage(self) -> None:
+        """Every layer holds what its storage holds: a new conditioning written there in place
+        by other means (a replayed CUDA graph of the refill, runtime/graphs.py)."""
+        held = self.storage()
+        if held is None:
+            raise ConfigError("cross_cache: adopt_storage before every layer has storage")
+        self._kv = list(held)
+
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Keep layer `layer`'s text K/V until the next `reset()`."""
-        self._kv[layer] = (k, v)
+        """Keep layer `layer`'s text K/V until the next `reset()` (in its storage, if it fits)."""
+        held = self._storage[layer]
+        if held is not None and all(_same_layout(a, b) for a, b in zip(held, (k, v), strict=True)):
+            held[0].copy_(k)
+            held[1].copy_(v)
+        else:
+            # owned copies: later conditionings are written here, never into the caller's tensors
+            held = (k.detach().clone(), v.detach().clone())
+            self._storage[layer] = held
+        self._kv[layer] = held
+
+
+def _same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device

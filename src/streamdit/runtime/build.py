@@ -95,7 +95,7 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     check_output_path(cfg.out, "out")  # every rank writes its flight record beside it
     timeline = Timeline.single(cfg.prompt)
     if not generator_only:
-        for name in ("metrics", "summary"):
+        for name in ("metrics", "summary", "profile"):
             path = getattr(cfg, name)
             if path is not None:
                 check_output_path(path, name)

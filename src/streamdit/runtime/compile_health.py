@@ -15,6 +15,8 @@ Owns:
   GPU's first-use work (library handles, kernels, the TP communicator) happens at startup,
   bounded by --startup-timeout, instead of inside chunk 0, bounded by the short --dist-timeout
   (seen on NCCL: a 2-rank mesh's first chunk took 10.5 s, past a 10 s timeout).
+- `capture_warmup(...)`: after the compile gate, the same chunks once more with the generator's
+  CUDA graphs on (runtime/graphs.py), so every signature a stream meets is captured at startup.
 """
 
 from __future__ import annotations
@@ -107,17 +109,20 @@ def warmup_chunks(
     Chunk 0 initializes the cache; later chunks follow the run's cache policy (recompute,
     append) until the KV window is full and evicting, so every slot-bound variant a stream meets
     is compiled here; the last chunk is a soft transition (under the recipe's bias rule: the
-    masked attention variant). Plans come from `chunk_plan`, as Phase A's do.
+    masked attention variant) with a new conditioning, as a blend step has (its text K/V
+    refill). Plans come from `chunk_plan`, as Phase A's do.
     """
     steady = cfg.window_fill_chunks
     steps = torch.tensor(cfg.denoising_step_list, dtype=torch.int64)
     latent_shape = (1, cfg.frames_per_chunk, LATENT_CHANNELS, cfg.height // 8, cfg.width // 8)
     ctx_shape = (1, cfg.context_frames, *latent_shape[2:])
-    text = seeded_normal(WARMUP_SEED, (1, dit.text_len, dit.text_dim), device=device, dtype=dtype)
+    text_shape = (1, dit.text_len, dit.text_dim)
+    text = seeded_normal(WARMUP_SEED, text_shape, device=device, dtype=dtype)
+    blended = seeded_normal(WARMUP_SEED + 1, text_shape, device=device, dtype=dtype)
     chunks = []
     for k in range(steady + 1):
-        init = k == 0
-        plan, bias = chunk_plan(cfg, init=init, soft_active=k == steady)
+        init, soft = k == 0, k == steady
+        plan, bias = chunk_plan(cfg, init=init, soft_active=soft)
         ships_ctx = plan.do_kv_recompute and plan.cache_policy.ships_context
         chunks.append(
             GeneratorInputs(
@@ -127,8 +132,8 @@ def warmup_chunks(
                 current_start_frame=k * cfg.frames_per_chunk,
                 init_cache=init,
                 reset_kv_cache=init,
-                reset_crossattn_cache=init,
-                conditioning_updated=init,
+                reset_crossattn_cache=init or soft,  # a blend step is a new conditioning
+                conditioning_updated=init or soft,
                 kv_cache_attention_bias=bias,
                 do_kv_recompute=plan.do_kv_recompute,
                 num_denoise_steps=plan.num_denoise_steps,
@@ -136,7 +141,7 @@ def warmup_chunks(
                 base_seed=WARMUP_SEED + k,
                 denoising_step_list=steps.clone(),
                 latents=seeded_normal(WARMUP_SEED + k, latent_shape, device=device, dtype=dtype),
-                conditioning_embeds=text,
+                conditioning_embeds=blended if soft else text,
                 context_frames_override=(
                     seeded_normal(-k, ctx_shape, device=device, dtype=dtype) if ships_ctx else None
                 ),
@@ -300,3 +305,38 @@ def eager_warmup(
 
 def _as_dict(c: CompileCounters) -> dict[str, int]:
     return {f.name: getattr(c, f.name) for f in fields(c)}
+
+
+def capture_warmup(
+    runner: GeneratorRunner,
+    cfg: RunConfig,
+    dit: DiTConfig,
+    *,
+    record: Callable[[dict[str, object]], None] | None = None,
+) -> int:
+    """Capture the generator calls' CUDA graphs when `cfg.graphs_calls()`; returns the count.
+
+    Runs after `compile_gate`, whose counters need the compiled code itself to run: the warm-up
+    chunks and the steady probe chunk again, graphs on, so each signature is seen twice (a graph
+    is captured at its second sight, see runtime/graphs.py) before the stream's clock starts."""
+    if not cfg.graphs_calls():
+        return 0
+    t0 = time.perf_counter()
+    runner.graphs.enabled = True
+    chunks = warmup_chunks(cfg, dit, runner.device, runner.dtype)
+    chunks.append(_shifted(chunks[-2], len(chunks) * cfg.frames_per_chunk))
+    for k, inputs in enumerate(chunks):
+        runner.run(inputs, Ids(call_id=k, chunk_index=k, cache_epoch=0))
+    torch.cuda.current_stream(runner.device).synchronize()
+    warm_s = time.perf_counter() - t0
+    captured, text = runner.graphs.captured, runner.graphs.captured_text
+    log.info(
+        "CUDA graphs: %d generator-call graphs and %d text-refill graphs captured in %.1f s",
+        captured,
+        text,
+        warm_s,
+    )
+    if record is not None:
+        detail = {"captured": captured, "text_refill": text, "warmup_s": round(warm_s, 3)}
+        record({"name": "cuda_graphs", "detail": detail})
+    return captured

@@ -6,7 +6,9 @@ and leaves through `StreamOutputs.__exit__`, so a crash or a signal leaves a val
 every chunk emitted. On a GPU the loop never waits for the device to time a phase (CUDA-event
 `PhaseMarks`) and runs at most one chunk ahead of it. Phase B is the rank's `PhaseB` unit (its
 digests included); topologies plug in one hook: `publish` (TP: broadcast the chunk's envelope to
-the workers before rank0 runs its own shard). `single` passes none.
+the workers before rank0 runs its own shard). `single` passes none. Each phase is a profiler
+range (`streamdit.phase_a` / `_b` / `_c`): `bench/profile_stream.py` reads a stream's device
+timeline by them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from streamdit.config import RunConfig
 from streamdit.media import NullWriter, VideoWriter, open_writer
@@ -38,6 +41,7 @@ from streamdit.runtime.metrics import (
 from streamdit.runtime.output import OutputError, OutputGuard, OutputWorker, PhaseMarks
 from streamdit.runtime.phase_b import PhaseB
 from streamdit.runtime.plan import GeneratorInputs
+from streamdit.runtime.profiling import ChunkProfiler
 from streamdit.runtime.stage0 import Stage0
 
 log = logging.getLogger(__name__)
@@ -215,27 +219,32 @@ def drive(
     from another thread never cuts a write in half. `live` (serve): the chunk boundary waits
     there while paused, calling `keepalive` (tp: a NOOP to the workers), and every emitted chunk
     is reported to it."""
-    with StreamOutputs(cfg, chunks, live, guard, stop) as outputs:
+    profiler = ChunkProfiler(cfg.profile, first=cfg.profile_from, count=cfg.profile_chunks, device=device)
+    with StreamOutputs(cfg, chunks, live, guard, stop) as outputs, profiler:
         previous: PhaseMarks | None = None
         for k in range(chunks):
             paused_s = live.boundary(keepalive) if live is not None else 0.0
             if stop.requested:
                 log.warning("draining after %d chunks (%s)", k, stop.reason)
                 break
+            profiler.at_chunk(k)
             marks = PhaseMarks(device)
-            ids, inputs, notes = stage0.prepare(k)
-            if publish is not None:
-                publish(ids, inputs)
+            with record_function("streamdit.phase_a"):
+                ids, inputs, notes = stage0.prepare(k)
+                if publish is not None:
+                    publish(ids, inputs)
             marks.mark()
             if previous is not None:
                 # one chunk ahead of the device at most: Phase A of chunk k overlaps the decode
                 # of chunk k-1 (no idle gap), and nothing later is queued behind a live change
                 previous.wait()
             calls_before = phase_b.runner.calls_made
-            latents = phase_b.infer(ids, inputs)
+            with record_function("streamdit.phase_b"):
+                latents = phase_b.infer(ids, inputs)
             faults.received(k, latents)
             marks.mark()
-            frames = stage0.finish(latents)
+            with record_function("streamdit.phase_c"):
+                frames = stage0.finish(latents)
             marks.mark()
             record = ChunkMetrics(
                 chunk_index=ids.chunk_index,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+from torch.profiler import record_function
 
 from streamdit.errors import PlanError
 from streamdit.model.dit import CausalWanDiT
@@ -27,6 +28,7 @@ from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.scheduler import FlowMatchScheduler
 from streamdit.protocol.header import Ids
 from streamdit.protocol.policy import CachePolicy
+from streamdit.runtime.graphs import CallGraphs
 from streamdit.runtime.plan import GeneratorInputs, id_kwargs, mix_seed, seeded_normal
 
 if TYPE_CHECKING:
@@ -94,6 +96,8 @@ class GeneratorRunner:
         self.first_call_ms = 0
         # The counting backend of the compiled blocks (None when eager): compile_health reads it.
         self.compile_probe: CompileProbe | None = None
+        # Every call's tensor math; CUDA graphs once enabled (runtime/graphs.py, --cuda-graphs)
+        self.graphs = CallGraphs(model)
 
     def _local_heads(self) -> int:
         q = self.model.blocks[0].self_attn.q.weight
@@ -221,15 +225,18 @@ class GeneratorRunner:
         if self.first_call_ms and self.calls_made == 0:
             time.sleep(self.first_call_ms / 1e3)
         timestep = torch.full((x.shape[0],), t, device=self.device, dtype=torch.float32)
-        out = self.model(
-            x,
-            timestep,
-            text,
-            kv_cache=self.kv_cache,
-            cross_cache=self.cross_cache,
-            start_frame=start_frame,
-            kv_bias=bias,
-            kv_bias_spare_frames=spare,
-        )
+        with record_function("streamdit.generator_call"):  # bench/profile_stream.py reads it
+            call = self.model.prepare(
+                x,
+                timestep,
+                text,
+                kv_cache=self.kv_cache,
+                cross_cache=self.cross_cache,
+                start_frame=start_frame,
+                kv_bias=bias,
+                kv_bias_spare_frames=spare,
+                fill_text=self.graphs.fill_text,
+            )
+            out = self.graphs(call)
         self.calls_made += 1
         return out

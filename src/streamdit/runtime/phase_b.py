@@ -29,7 +29,7 @@ from streamdit.parallel.tp import apply_tp
 from streamdit.protocol.header import Action, Ids
 from streamdit.protocol.messages import PPEnvelopeV1, TPEnvelopeV1
 from streamdit.runtime.build import ValidatedRun, build_generator, build_model
-from streamdit.runtime.compile_health import compile_gate, eager_warmup
+from streamdit.runtime.compile_health import capture_warmup, compile_gate, eager_warmup
 from streamdit.runtime.faults import FaultPlan
 from streamdit.runtime.generator import GeneratorRunner
 from streamdit.runtime.plan import GeneratorInputs
@@ -118,11 +118,14 @@ class PhaseB:
         warmup = None
         if cfg.compile:
             warmup = f"compiling the DiT blocks ({cfg.compile_backend}) and warming up"
+            if cfg.graphs_calls():
+                warmup += ", then capturing CUDA graphs"
         elif cfg.eager_warmup(run.device.type):
             warmup = "warming up the generator"
         with progress.stage(warmup):
             compile_gate(runner, cfg, run.dit, startup, allowed=allowed, record=record)
             eager_warmup(runner, cfg, run.dit, record=record)  # before all_ready (see RankSession)
+            capture_warmup(runner, cfg, run.dit, record=record)
         return cls(runner, faults=faults, rank=rank, tripwires=tripwires)
 
     def infer(self, ids: Ids, inputs: GeneratorInputs) -> torch.Tensor:

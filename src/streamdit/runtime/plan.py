@@ -2,7 +2,7 @@
 
 Owns: `PhasePlan` (computed once on the driving side and asserted against the calls actually
 made), `GeneratorInputs` (exactly the scalars and tensors that docs/protocol.md lists for an envelope,
-nothing else), `mix_seed` and `seeded_normal`. The rules a plan must obey are not coded here:
+nothing else), `mix_seed`, `seeded_normal` and `to_device`. The rules a plan must obey are not coded here:
 `GeneratorInputs.check` runs the protocol's one rulebook (`protocol.rules.check_generator_plan`)
 on its own fields, so rank0 before shipping, the receiver from the meta and the generator before
 its first call all judge a chunk by the same rules. Work is identified by protocol's `Ids`.
@@ -135,4 +135,17 @@ def seeded_normal(
 ) -> torch.Tensor:
     """Standard normal noise drawn on the CPU from `seed`, so bits do not depend on the device."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return to_device(torch.randn(shape, generator=gen, dtype=torch.float32), device, dtype)
+
+
+def to_device(host: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A host tensor on `device` without waiting for it: through pinned memory on CUDA.
+
+    A copy from pageable memory makes the host wait until the device has drained the work
+    queued before it, and then the device idles while the host queues the next launches
+    (~1 ms per re-noise draw of a wan-14b chunk, the whole previous decode for Phase A's noise:
+    bench/results/profile_wan14b_bf16_h200.json). The pinned block is not reused before the
+    copy ran (PyTorch's caching host allocator records it on the stream)."""
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory().to(device, non_blocking=True)
+    return host.to(device=device, dtype=dtype)

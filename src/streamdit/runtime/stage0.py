@@ -26,7 +26,7 @@ from streamdit.model.taehv import StreamingTinyDecoder, TinyVideoDecoder
 from streamdit.model.text import TextEncoder, blend
 from streamdit.model.vae import CausalVideoVAE, StreamingDecoder, StreamingEncoder, pixel_frames
 from streamdit.protocol.header import Ids
-from streamdit.runtime.plan import GeneratorInputs, chunk_plan, mix_seed, seeded_normal
+from streamdit.runtime.plan import GeneratorInputs, chunk_plan, mix_seed, seeded_normal, to_device
 from streamdit.runtime.timeline import PromptSource, PromptState, Timeline, TimelineEntry
 
 log = logging.getLogger(__name__)
@@ -315,5 +315,5 @@ def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
 
 def frames_to_pixels(frames: np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """uint8 [T, H, W, 3] → [1, 3, T, H, W] in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32) / 127.5 - 1.0
-    return x.permute(3, 0, 1, 2).unsqueeze(0).to(device=device, dtype=dtype)
+    x = to_device(torch.from_numpy(np.ascontiguousarray(frames)), device, torch.float32) / 127.5 - 1.0
+    return x.permute(3, 0, 1, 2).unsqueeze(0).to(dtype=dtype)
