@@ -18,26 +18,21 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 nvidia-smi --query-gpu=name --format=csv,noheader
 WAN=(--preset wan-14b --device cuda --dtype bfloat16 --height 320 --width 576 --compile)
 
-# issue 17's wan-14b 320x576 jobs side by side: the landed default (its code in .base/src, a
-# git archive of the previous landing) vs today's default, --fp8, --vae tiny; plain and
-# soft-transition streams
-issue17_wan14b_jobs() {
-    local W="${WAN[*]} --chunks 12" S="--timeline bench/soft_stream.json"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_issue17.json" --skip 2 --job-timeout 120 \
-        --src before=.base/src --job "before=$W" --job "default=$W" --job "default-soft=$W $S" \
+# issue 17's wan-14b 320x576 table, jobs side by side: the landed default (its code in
+# .base/src, a git archive of the previous landing) beside today's default, --fp8 and
+# --fp8 --vae tiny, each plain and with a soft prompt change from chunk 1 on.
+# $1 the result's name, $2 chunks per job, $3 a job's timeout (s), $4 the default job's name
+wan14b_table() {
+    local W="${WAN[*]} --chunks $2" S="--timeline bench/soft_stream.json" D=$4
+    python bench/bench_e2e.py --out "$OUT/$1" --skip 2 --job-timeout "$3" \
+        --src before=.base/src --job "before=$W" --job "$D=$W" --job "$D-soft=$W $S" \
         --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
         --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
 }
 
 case $stage in
 final17)
-    # issue 17's table: the landed default (.base/src) beside today's bf16, --fp8 and
-    # --fp8 --vae tiny, each plain and with a soft prompt change from chunk 1 on
-    W="${WAN[*]} --chunks 10" S="--timeline bench/soft_stream.json"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17.json" --skip 2 --job-timeout 200 \
-        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "bf16-soft=$W $S" \
-        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
-        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    wan14b_table e2e_wan14b_h200_final17.json 10 200 bf16
     ;;
 soft17)
     # plain beside soft streams, run with an experiment since reverted (Phase B queued once the
@@ -70,11 +65,7 @@ refill17)
 final17b)
     # issue 17's table again with the text-refill graphs, then the GPU tests (in what is left of
     # the device call's 10 minutes)
-    W="${WAN[*]} --chunks 10" S="--timeline bench/soft_stream.json"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17b.json" --skip 2 --job-timeout 200 \
-        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "bf16-soft=$W $S" \
-        --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S" --job "fp8-tiny=$W --fp8 --vae tiny" \
-        --job "fp8-tiny-soft=$W --fp8 --vae tiny $S"
+    wan14b_table e2e_wan14b_h200_final17b.json 10 200 bf16
     timeout 110 python -m pytest -q -p no:cacheprovider --show-capture=no --tb=short \
         tests/unit/test_graphs.py 2>&1 | grep -v "^DEBUG" | tail -30
     ;;
@@ -135,7 +126,7 @@ perf17a)
     # issue 17 (an intermediate code step; its run is e2e_wan14b_h200_issue17_run1.json, with
     # a 150 s job timeout then): Phase C's decoders, then the wan-14b jobs
     python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
-    issue17_wan14b_jobs
+    wan14b_table e2e_wan14b_h200_issue17.json 12 120 default
     ;;
 perf17b)
     # issue 17, the final configuration: decoders at both geometries; wan-14b 320x576 side by
@@ -143,7 +134,7 @@ perf17b)
     # the deviation of --fp8 from bf16 over 10 chunks (lossless .npy); the FP8 kernel profile
     python bench/bench_vae.py --height 320 --width 576 --out "$OUT/vae_320x576_h200.json"
     python bench/bench_vae.py --height 480 --width 832 --out "$OUT/vae_480x832_h200.json"
-    issue17_wan14b_jobs
+    wan14b_table e2e_wan14b_h200_issue17.json 12 120 default
     SF="--preset wan-1.3b --device cuda --dtype bfloat16 --height 480 --width 832 --compile --chunks 12"
     python bench/bench_e2e.py --out "$OUT/e2e_wan13b_480x832_h200.json" --skip 2 --job-timeout 100 \
         --src 1.3b-before=.base/src --job "1.3b-before=$SF" --job "1.3b=$SF" --job "1.3b-tiny=$SF --vae tiny"
