@@ -152,6 +152,11 @@ COMPILE_VARIANTS: dict[str, dict] = {
     # inductor tunes each generated kernel's block sizes / warps by timing them at compile
     "compile-cdt": {"options": {"coordinate_descent_tuning": True}},
     "compile-max-autotune": {"mode": "max-autotune-no-cudagraphs"},
+    # every reduction generated both persistent (a row read once) and looped, the faster kept
+    # at run time: the norm / modulation kernels over the float32 residual stream are looped
+    "compile-multi-kernel": {"options": {"triton.multi_kernel": 1}},
+    # no reduction split into two kernels (fewer passes over a row, less parallelism)
+    "compile-no-split": {"options": {"split_reductions": False}},
 }
 """`--variants` names beside `eager`: torch.compile options for the blocks."""
 

@@ -62,6 +62,15 @@ refill17)
     python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_refill17.json" --skip 2 --job-timeout 200 \
         --job "fp8=$W --fp8" --job "fp8-soft=$W --fp8 $S"
     ;;
+tune17b)
+    # issue 17, untried: inductor's reduction options against the memory-bound fused kernels
+    # (a call's 15.9 ms bf16 / 22.1 ms FP8), per generator call, bf16 then FP8
+    V=compile,compile-multi-kernel,compile-no-split
+    python bench/bench_generator.py --preset wan-14b --variants $V --profile \
+        --out "$OUT/generator_reductions_bf16_h200.json"
+    python bench/bench_generator.py --preset wan-14b --variants $V --fp8 --profile \
+        --out "$OUT/generator_reductions_fp8_h200.json"
+    ;;
 final17b)
     # issue 17's table again with the text-refill graphs, then the GPU tests (in what is left of
     # the device call's 10 minutes)
