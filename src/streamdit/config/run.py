@@ -62,8 +62,12 @@ def _with_checkpoint(cfg: RunConfig, command: str) -> bool:
     return cfg.checkpoint is not None
 
 
+def _rank0_loop(cfg: RunConfig, command: str) -> bool:
+    return cfg.topology != "pp"  # pp's rank0 runs Stage 0's pipelined loop, not drive()
+
+
 def _profiled(cfg: RunConfig, command: str) -> bool:
-    return cfg.profile is not None and cfg.topology != "pp"
+    return cfg.profile is not None and _rank0_loop(cfg, command)
 
 
 def _graphed(cfg: RunConfig, command: str) -> bool:
@@ -74,7 +78,8 @@ def _graphed(cfg: RunConfig, command: str) -> bool:
 
 COMPILED = (_compiled, "--compile")
 GRAPHED = (_graphed, "--compile on a CUDA device, --topology single and a mode without inductor's cudagraphs")
-PROFILED = (_profiled, "--profile and --topology single or tp (rank0's chunk loop)")
+RANK0_LOOP = (_rank0_loop, "--topology single or tp (rank0's chunk loop)")
+PROFILED = (_profiled, f"--profile and {RANK0_LOOP[1]}")
 DISTRIBUTED = (_distributed, "--topology tp or pp (single runs one process)")
 
 
@@ -254,7 +259,7 @@ class RunConfig:
     profile: Path | None = setting(
         None,
         section="output",
-        needs=(lambda cfg, command: cfg.topology != "pp", "--topology single or tp (rank0's chunk loop)"),
+        needs=RANK0_LOOP,
         help="a torch.profiler Chrome trace (.json) of rank0's chunks --profile-from .. +--profile-chunks "
         "(bench/profile_stream.py reads it)",
     )
