@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -28,7 +27,7 @@ from streamdit.model.attention import KeyBias
 from streamdit.model.dit import CausalWanDiT, ChunkCall
 from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, LayerKV
 from streamdit.model.presets import get_dit_config
-from streamdit.runtime.graphs import CallGraphs, _Graph, _varying, signature
+from streamdit.runtime.graphs import CallGraphs, _Graph, _staged, signature
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -102,10 +101,7 @@ class _Recorded:
 def _emulated_capture(self: CallGraphs, call: ChunkCall) -> _Graph:
     """`CallGraphs._capture` without CUDA: the same static input copies and one output buffer
     that every replay overwrites; replay = `forward_chunk` on those copies (its tensor math)."""
-    inputs = [t.clone() for t in _varying(call)]
-    x, timestep, cos, sin, *weight = inputs
-    key_bias = None if call.key_bias is None else replace(call.key_bias, log_weight=weight[0])
-    mine = ChunkCall(x, timestep, (cos, sin), key_bias, call.layer_kvs, call.text_kvs, call.slots)
+    inputs, mine = _staged(call)
     out = torch.empty_like(call.x)
 
     def work() -> None:

@@ -62,6 +62,14 @@ def _varying(call: ChunkCall) -> list[torch.Tensor]:
     return tensors
 
 
+def _staged(call: ChunkCall) -> tuple[list[torch.Tensor], ChunkCall]:
+    """A graph's own copies of `call`'s varying tensors, and the call that reads them."""
+    inputs = [t.clone() for t in _varying(call)]
+    x, timestep, cos, sin, *weight = inputs
+    key_bias = None if call.key_bias is None else replace(call.key_bias, log_weight=weight[0])
+    return inputs, ChunkCall(x, timestep, (cos, sin), key_bias, call.layer_kvs, call.text_kvs, call.slots)
+
+
 def _addresses(call: ChunkCall) -> tuple[int, ...]:
     return tuple(t.data_ptr() for pair in (*call.layer_kvs, *call.text_kvs) for t in pair)
 
@@ -152,10 +160,7 @@ class CallGraphs:
         return len(self._graphs)
 
     def _capture(self, call: ChunkCall) -> _Graph:
-        inputs = [t.clone() for t in _varying(call)]
-        x, timestep, cos, sin, *weight = inputs
-        key_bias = None if call.key_bias is None else replace(call.key_bias, log_weight=weight[0])
-        mine = ChunkCall(x, timestep, (cos, sin), key_bias, call.layer_kvs, call.text_kvs, call.slots)
+        inputs, mine = _staged(call)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the writer thread's copies and event queries go on while this captures
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
