@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from streamdit.model.attention import resolve_attention_backend
-from streamdit.model.dit import CausalWanDiT
+from streamdit.model.dit import CausalWanDiT, add_norm
 from streamdit.model.fp8 import quantize_blocks
 from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import dit_flops_per_call, get_dit_config
@@ -55,12 +55,13 @@ def time_ms(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
 
 
 KERNEL_KINDS = (
-    ("triton (fused pointwise / reductions)", ("triton_",)),
+    ("triton (fused pointwise / reductions)", ("triton_", "_add_norm_kernel")),
     ("attention", ("sdpa", "flash", "fmha", "attention")),
     ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_")),
 )
-"""Kernel name fragments per kind, first match wins: inductor's kernels first (their names
-quote the ops they fused, `_scaled_mm` or `cudnn_attention` included), then cuDNN / flash
+"""Kernel name fragments per kind, first match wins: Triton's kernels first (inductor's, whose
+names quote the ops they fused, `_scaled_mm` or `cudnn_attention` included, and
+model/norm_kernels.py's), then cuDNN / flash
 attention, then cuBLAS / CUTLASS matmuls."""
 
 
@@ -157,6 +158,8 @@ COMPILE_VARIANTS: dict[str, dict] = {
     "compile-multi-kernel": {"options": {"triton.multi_kernel": 1}},
     # no reduction split into two kernels (fewer passes over a row, less parallelism)
     "compile-no-split": {"options": {"split_reductions": False}},
+    # the blocks' residual + norm + modulation steps as one Triton kernel each
+    "compile-fused-norms": {"fused_norms": True},
 }
 """`--variants` names beside `eager`: torch.compile options for the blocks."""
 
@@ -274,7 +277,12 @@ def main() -> int:
         if compiled:
             # forward does the cache bookkeeping eagerly; every block runs one compiled graph
             torch._dynamo.reset()  # a fresh compile per variant (options differ)
-            model.compile_blocks(**COMPILE_VARIANTS[variant])
+            options = dict(COMPILE_VARIANTS[variant])
+            for block in model.blocks:
+                block.add_norm = add_norm
+            if options.pop("fused_norms", False):
+                model.use_fused_norms()
+            model.compile_blocks(**options)
         res = bench_variant(model, kv, cross, args, device, compiled=compiled)
         res["variant"] = variant
         res["fraction_of_peak"] = res["tflops_achieved"] / peak["tflops"]

@@ -71,6 +71,29 @@ tune17b)
     python bench/bench_generator.py --preset wan-14b --variants $V --fp8 --profile \
         --out "$OUT/generator_reductions_fp8_h200.json"
     ;;
+norms17)
+    # issue 17: the fused norm kernels (model/norm_kernels.py): their GPU tests, then the
+    # per-call generator A/B (inductor's kernels vs the fused ones), bf16 then FP8, with
+    # inductor's generated code of the bf16 run kept (gzipped)
+    timeout 150 python -m pytest -q -p no:cacheprovider --show-capture=no --tb=short \
+        tests/unit/test_norm_kernels.py 2>&1 | grep -v "^DEBUG" | tail -30
+    V=compile,compile-fused-norms
+    TORCH_LOGS=output_code timeout 190 python bench/bench_generator.py --preset wan-14b --profile \
+        --variants $V --out "$OUT/generator_norms_bf16_h200.json" \
+        2> >(gzip > "$OUT/generator_norms_bf16_output_code.txt.gz") | grep -v '^{'
+    timeout 190 python bench/bench_generator.py --preset wan-14b --profile --fp8 \
+        --variants $V --out "$OUT/generator_norms_fp8_h200.json" 2>&1 | grep -v '^{' | tail -20
+    ;;
+final17c)
+    # issue 17 with the fused norm kernels (model/norm_kernels.py, the default on CUDA): their
+    # GPU tests, then the plain wan-14b jobs beside the landed default (.base/src)
+    timeout 90 python -m pytest -q -p no:cacheprovider --show-capture=no --tb=short \
+        tests/unit/test_norm_kernels.py 2>&1 | grep -v "^DEBUG" | tail -30
+    W="${WAN[*]} --chunks 10"
+    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17c.json" --skip 2 --job-timeout 150 \
+        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "fp8-tiny=$W --fp8 --vae tiny" \
+        --job "fp8=$W --fp8"
+    ;;
 final17b)
     # issue 17's table again with the text-refill graphs, then the GPU tests (in what is left of
     # the device call's 10 minutes)

@@ -43,6 +43,7 @@ COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WARMUP = ("auto", "on", "off")
 VAE_DECODERS = ("wan", "tiny")
+NORM_KERNELS = ("auto", "triton", "torch")
 # the model's own tables (model/presets.py, model/attention.py) hold these; config may not import
 # model/, so tests/unit/test_flags.py pins that they are equal
 DIT_PRESET_NAMES = ("tiny", "wan-1.3b", "wan-14b")
@@ -104,6 +105,14 @@ class RunConfig:
         parity=True,
         choices=ATTN_BACKENDS,
         help="SDPA backend (auto: cuDNN on Hopper and newer, else flash; resolved once at startup)",
+    )
+    norm_kernels: str = setting(
+        "auto",
+        section="model",
+        parity=True,
+        choices=NORM_KERNELS,
+        help="the DiT blocks' residual + norm + modulation steps: triton (one fused kernel each, "
+        "CUDA) | torch (PyTorch's / inductor's kernels) | auto (triton on CUDA where Triton is installed)",
     )
     fp8: bool = setting(
         False,

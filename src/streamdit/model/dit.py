@@ -7,10 +7,12 @@ one generator call: write the chunk's K/V into the KV cache, attend over [cache 
 
 Tensor-parallel readiness (sharding is applied from outside, gpt-fast style): local head counts
 are read from weight shapes at forward time (`q.weight.shape[0] // head_dim`), and the full-dim
-RMSNorm reduces its sum of squares through a replaceable `reduce_sum_of_squares` attribute, so a
-TP pass only slices weights, sets that attribute and hooks row-parallel Linear outputs.
-Numerics follow Wan: the residual stream, norms and modulation are float32; Linear layers run in
-the parameter dtype. Model code never picks a device; devices come from the constructor/inputs.
+RMSNorm (model/norms.py) reduces its sum of squares through a replaceable `reduce_sum_of_squares`
+attribute, so a TP pass only slices weights, sets that attribute and hooks row-parallel Linear
+outputs. Numerics follow Wan: the residual stream, norms and modulation are float32; Linear
+layers run in the parameter dtype. A block's residual + norm + modulation steps go through its
+`add_norm` attribute (`norms.add_norm`, or one Triton kernel each after `use_fused_norms`).
+Model code never picks a device; devices come from the constructor/inputs.
 Imports torch and streamdit.errors / streamdit.model only.
 """
 
@@ -26,8 +28,9 @@ from torch import nn
 
 from streamdit.errors import ConfigError
 from streamdit.model.attention import KeyBias, check_resolved, sdpa
-from streamdit.model.fp8 import ROW_TENSORS, fp8_linear
+from streamdit.model.fp8 import FP8, ROW_TENSORS, Fp8Linear, RowQuantized, fp8_linear
 from streamdit.model.kv_cache import ChunkSlots, CrossAttnCache, KVCache, LayerKV, write_chunk_kv
+from streamdit.model.norms import AddNorm, WanLayerNorm, WanRMSNorm, add_norm, norm_pair
 from streamdit.model.presets import DiTConfig
 from streamdit.model.rope import apply_rope, rope_angles
 
@@ -50,60 +53,24 @@ class ChunkCall(NamedTuple):
 _Factory = dict[str, Any]  # {"device": ..., "dtype": ...} for every parameter
 
 
-def _identity(t: Tensor) -> Tensor:
-    return t
-
-
 def input_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype a linear layer takes: its parameter dtype, or what an FP8 layer declares."""
     return getattr(layer, "input_dtype", None) or layer.weight.dtype
 
 
-def _linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """Run `layer` in its input dtype (the residual stream is float32)."""
-    return layer(x.to(input_dtype(layer)))
+def norm_output(layer: nn.Module) -> torch.dtype:
+    """What a norm step hands `layer`: FP8 (quantized per row) for an FP8 layer, else its
+    input dtype."""
+    return FP8 if isinstance(layer, Fp8Linear) else input_dtype(layer)
 
 
-class WanRMSNorm(nn.Module):
-    """RMSNorm over the WHOLE model dim, computed from a possibly head-sharded slice.
-
-    The float32 sum of squares of the local slice goes through `reduce_sum_of_squares`
-    (identity on one device; TP sets an all-reduce over the TP group) and is divided by the
-    stored `full_dim`, so sharding only slices `weight` and sets the reduction.
-    """
-
-    def __init__(self, full_dim: int, eps: float, *, device: torch.device, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.full_dim = full_dim
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(full_dim, device=device, dtype=dtype))
-        self.reduce_sum_of_squares: Callable[[Tensor], Tensor] = _identity
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.scale(x, self.reduce_sum_of_squares(_sum_sq(x)))
-
-    def scale(self, x: Tensor, sum_sq: Tensor) -> Tensor:
-        """Normalize `x` by its full-dim (already reduced) float32 sum of squares."""
-        return (x.float() * torch.rsqrt(sum_sq / self.full_dim + self.eps)).to(x.dtype) * self.weight
+def _cast(x: Tensor | RowQuantized, layer: nn.Module) -> Tensor | RowQuantized:
+    """`x` in `layer`'s input dtype (the residual stream is float32); quantized rows as they are."""
+    return x if isinstance(x, RowQuantized) else x.to(input_dtype(layer))
 
 
-def _sum_sq(x: Tensor) -> Tensor:
-    return x.float().pow(2).sum(dim=-1, keepdim=True)
-
-
-def norm_pair(norm_a: WanRMSNorm, a: Tensor, norm_b: WanRMSNorm, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Two RMSNorms over same-length rows with ONE reduction (under TP: one all-reduce, not two)."""
-    sums = norm_a.reduce_sum_of_squares(torch.cat([_sum_sq(a), _sum_sq(b)], dim=-1))
-    return norm_a.scale(a, sums[..., :1]), norm_b.scale(b, sums[..., 1:])
-
-
-class WanLayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 (returns float32), optionally with an affine."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+def _linear(layer: nn.Module, x: Tensor | RowQuantized) -> Tensor:
+    return layer(_cast(x, layer))
 
 
 def sinusoidal_embedding(dim: int, timestep: Tensor) -> Tensor:
@@ -171,13 +138,13 @@ class WanSelfAttention(_Attention):
     ) -> Tensor:
         b, length, _ = x.shape
         shape = (b, length, self.local_heads(), self.head_dim)
-        q, k, v = self._project(x.to(input_dtype(self.q)))
+        q, k, v = self._project(_cast(x, self.q))
         q, k = norm_pair(self.norm_q, q, self.norm_k, k)
         q, k = apply_rope(q.view(shape), *rope), apply_rope(k.view(shape), *rope)
         k_all, v_all = write_chunk_kv(layer_kv, k, v.reshape(shape), slots)
         return self._attend(q, k_all, v_all, key_bias)
 
-    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, x: Tensor | RowQuantized) -> tuple[Tensor, Tensor, Tensor]:
         if not self.fused:
             return self.q(x), self.k(x), self.v(x)
         if self.qkv_weight_scale is None:
@@ -239,6 +206,9 @@ class WanAttentionBlock(nn.Module):
             nn.Linear(cfg.ffn_dim, cfg.dim, **fk),
         )
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim, **fk))
+        # the residual + norm + modulation steps; `CausalWanDiT.use_fused_norms` swaps in one
+        # kernel per step (model/norm_kernels.py) with the same arguments and math
+        self.add_norm: AddNorm = add_norm
 
     def forward(
         self,
@@ -259,15 +229,18 @@ class WanAttentionBlock(nn.Module):
         """
         # Wan's order: shift, scale, gate for self-attn, then for the FFN; each [B, 1, dim].
         mod = (self.modulation.float() + e0).unsqueeze(2).unbind(1)
-        y = self.self_attn(self.norm1(x) * (1 + mod[1]) + mod[0], rope, layer_kv, slots, key_bias)
-        x = x + y.float() * mod[2]
-        x = x + self.cross_attn(self.norm3(x), text_kv).float()
-        y = _linear_seq(self.ffn, self.norm2(x) * (1 + mod[4]) + mod[3])
+        add_norm = self.add_norm
+        _, h = add_norm(x, None, None, self.norm1, mod[0], mod[1], norm_output(self.self_attn.q))
+        y = self.self_attn(h, rope, layer_kv, slots, key_bias)
+        x, h = add_norm(x, y, mod[2], self.norm3, None, None, norm_output(self.cross_attn.q))
+        y = self.cross_attn(h, text_kv)
+        x, h = add_norm(x, y, None, self.norm2, mod[3], mod[4], norm_output(self.ffn[0]))
+        y = _linear_seq(self.ffn, h)
         return x + y.float() * mod[5]
 
 
-def _linear_seq(seq: nn.Sequential, x: Tensor) -> Tensor:
-    return seq(x.to(input_dtype(seq[0])))
+def _linear_seq(seq: nn.Sequential, x: Tensor | RowQuantized) -> Tensor:
+    return seq(_cast(x, seq[0]))
 
 
 class WanHead(nn.Module):
@@ -426,6 +399,14 @@ class CausalWanDiT(nn.Module):
         _, ph, pw = self.cfg.patch_size
         grid = (x.shape[1], x.shape[3] // ph, x.shape[4] // pw)
         return self._unpatchify(self.head(h, e), grid).to(x.dtype)
+
+    def use_fused_norms(self) -> None:
+        """Every block's residual + norm + modulation steps as one Triton kernel each
+        (model/norm_kernels.py; CUDA with Triton only). Call before compile."""
+        from streamdit.model.norm_kernels import fused_add_norm  # imports triton
+
+        for block in self.blocks:
+            block.add_norm = fused_add_norm
 
     def fuse_projections(self) -> None:
         """Every block's q/k/v as one matmul (WanSelfAttention.fuse_qkv): after TP, before compile."""

@@ -23,6 +23,8 @@ Imports torch and streamdit.errors only.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -52,6 +54,23 @@ output)."""
 ROW_TENSORS = ("weight", "bias", "weight_scale")
 """A linear layer's tensors indexed by output row (an FP8 layer's row scales included): what a
 column-parallel shard slices and what `fuse_qkv` stacks."""
+
+
+ACTIVATION_DTYPE = torch.bfloat16
+"""What FP8 layers take and return (the run refuses --fp8 with another dtype)."""
+
+
+class RowQuantized(NamedTuple):
+    """An activation quantized per row before it reaches its FP8 layer (a fused norm kernel's
+    output): e4m3 `data [..., K]` and float32 `scale [..., 1]`, as `rowwise_quantize` makes them
+    from the activation in `ACTIVATION_DTYPE`."""
+
+    data: Tensor
+    scale: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
 
 
 def rowwise_quantize(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,7 +107,7 @@ class Fp8Linear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | RowQuantized) -> Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.input_dtype)
 
     def dequantized(self) -> Tensor:
@@ -97,11 +116,20 @@ class Fp8Linear(nn.Module):
 
 
 def fp8_linear(
-    x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, out_dtype: torch.dtype
+    x: Tensor | RowQuantized,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
 ) -> Tensor:
-    """`x [..., in]` times the e4m3 `weight [out, in]` (row scales `[out]`), plus `bias`."""
-    lead = x.shape[:-1]
-    xq, x_scale = rowwise_quantize(x.reshape(-1, x.shape[-1]))
+    """`x [..., in]` (or already quantized) times the e4m3 `weight [out, in]` (row scales
+    `[out]`), plus `bias`."""
+    if isinstance(x, RowQuantized):
+        lead = x.data.shape[:-1]
+        xq, x_scale = x.data.reshape(-1, x.data.shape[-1]), x.scale.reshape(-1, 1)
+    else:
+        lead = x.shape[:-1]
+        xq, x_scale = rowwise_quantize(x.reshape(-1, x.shape[-1]))
     out = torch._scaled_mm(
         xq,
         weight.t(),  # [in, out] column-major: the layout cuBLASLt / CUTLASS want for B

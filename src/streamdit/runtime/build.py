@@ -23,7 +23,8 @@ from streamdit.errors import ConfigError
 from streamdit.media import VideoSource, check_output_path, count_video_frames, probe_video
 from streamdit.model.attention import resolve_attention_backend
 from streamdit.model.dit import CausalWanDiT
-from streamdit.model.fp8 import fp8_supported, quantize_blocks
+from streamdit.model.fp8 import ACTIVATION_DTYPE, fp8_supported, quantize_blocks
+from streamdit.model.norms import resolve_norm_kernels
 from streamdit.model.presets import DiTConfig, get_dit_config
 from streamdit.model.scheduler import FlowMatchScheduler, validate_step_list
 from streamdit.model.taehv import TinyVAEConfig, TinyVideoDecoder, load_tiny_decoder_state
@@ -58,6 +59,7 @@ class ValidatedRun:
     device: torch.device
     dtype: torch.dtype
     attn_backend: str
+    norm_kernels: str  # "triton" | "torch", resolved once (model/norms.py)
     timeline: Timeline
     chunks: int
 
@@ -86,6 +88,7 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
     backend = resolve_attention_backend(cfg.attn_backend, device, dtype, head_dim=dit.head_dim)
     if cfg.fp8:
         _check_fp8(device, dtype)
+    norm_kernels = resolve_norm_kernels(cfg.norm_kernels, device)
     validate_step_list(cfg.denoising_step_list)
     if cfg.checkpoint is not None:
         with dit_checkpoint(cfg) as source:
@@ -106,6 +109,7 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
         device=device,
         dtype=dtype,
         attn_backend=backend,
+        norm_kernels=norm_kernels,
         timeline=timeline,
         chunks=cfg.chunks,
     )
@@ -113,7 +117,7 @@ def validate_run(cfg: RunConfig, *, generator_only: bool = False) -> ValidatedRu
 
 def _check_fp8(device: torch.device, dtype: torch.dtype) -> None:
     why = fp8_supported(device)
-    if why is None and dtype != torch.bfloat16:
+    if why is None and dtype != ACTIVATION_DTYPE:
         why = f"FP8 layers compute in bfloat16, got dtype {dtype}"
     if why is not None:
         raise ConfigError(f"--fp8 cannot run here: {why} [field=fp8]")
@@ -202,6 +206,8 @@ def build_generator(run: ValidatedRun, model: CausalWanDiT | None = None) -> Gen
     cfg = run.cfg
     model = model if model is not None else build_model(run)
     model.fuse_projections()  # after loading, FP8 and TP: each rank fuses what it holds
+    if run.norm_kernels == "triton":  # before compile: the blocks' graphs call the kernels
+        model.use_fused_norms()
     probe = None
     if cfg.compile:
         # One compiled generator per process: a previous model's cache entries would count

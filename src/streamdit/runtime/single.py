@@ -69,7 +69,7 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | 
     phase_b = PhaseB.bring_up(run, faults=faults, rank=0)
     stage0, chunks = build_stage0(run, live)
     log.info(
-        "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s",
+        "single: preset=%s %dx%d chunks=%d device=%s dtype=%s attn=%s norms=%s",
         cfg.preset,
         cfg.height,
         cfg.width,
@@ -77,6 +77,7 @@ def run_single(cfg: RunConfig, stop: StopFlag | None = None, live: LiveStream | 
         run.device,
         cfg.dtype,
         run.attn_backend,
+        run.norm_kernels,
     )
     return drive(
         cfg,

@@ -99,6 +99,7 @@ def parity_items(run: ValidatedRun, groups: Groups) -> dict[str, str]:
             "tp_plan": TP_PLAN,
             "tp_envelope_version": str(ENVELOPE_VERSION),
             "effective_attn_backend": run.attn_backend,
+            "effective_norm_kernels": run.norm_kernels,
             "torch": torch.__version__,
             "dist_backend": groups.backend,
         }
