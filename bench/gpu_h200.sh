@@ -85,14 +85,9 @@ norms17)
         --variants $V --out "$OUT/generator_norms_fp8_h200.json" 2>&1 | grep -v '^{' | tail -20
     ;;
 final17c)
-    # issue 17 with the fused norm kernels (model/norm_kernels.py, the default on CUDA): their
-    # GPU tests, then the plain wan-14b jobs beside the landed default (.base/src)
-    timeout 90 python -m pytest -q -p no:cacheprovider --show-capture=no --tb=short \
-        tests/unit/test_norm_kernels.py 2>&1 | grep -v "^DEBUG" | tail -30
-    W="${WAN[*]} --chunks 10"
-    python bench/bench_e2e.py --out "$OUT/e2e_wan14b_h200_final17c.json" --skip 2 --job-timeout 150 \
-        --src before=.base/src --job "before=$W" --job "bf16=$W" --job "fp8-tiny=$W --fp8 --vae tiny" \
-        --job "fp8=$W --fp8"
+    # issue 17's table with the fused norm kernels (model/norm_kernels.py, the default on CUDA)
+    # beside the landed default (.base/src); their GPU tests and the per-call A/B are `norms17`
+    wan14b_table e2e_wan14b_h200_final17c.json 10 200 bf16
     ;;
 final17b)
     # issue 17's table again with the text-refill graphs, then the GPU tests (in what is left of
