@@ -103,6 +103,10 @@ def _per_batch(t: Tensor | None, batch: int, dim: int) -> Tensor | None:
     return None if t is None else t.reshape(batch, dim).contiguous()
 
 
+def _fill(t: Tensor | None, dummy: Tensor) -> Tensor:
+    return dummy if t is None else t
+
+
 def _launch(
     x: Tensor,
     y: Tensor | None,
@@ -114,21 +118,23 @@ def _launch(
     eps: float,
     x_out: Tensor | None,
     h_out: Tensor,
-    h_scale: Tensor | None,
+    h_scale: Tensor,
 ) -> None:
+    """One program per row; `h_out` FP8: the rows are quantized, their scales in `h_scale`."""
     batch, rows, dim = x.shape
     dummy = h_out  # never read: its pointer fills the slots a constexpr flag switched off
+    quantize = h_out.dtype == FP8  # else `h_scale` is empty (no pointer to hand the kernel)
     _launcher()[(batch * rows,)](
         x,
-        y if y is not None else dummy,
-        _per_batch(gate, batch, dim) if gate is not None else dummy,
-        weight if weight is not None else dummy,
-        bias if bias is not None else dummy,
-        _per_batch(shift, batch, dim) if shift is not None else dummy,
-        _per_batch(scale, batch, dim) if scale is not None else dummy,
-        x_out if x_out is not None else dummy,
+        _fill(y, dummy),
+        _fill(_per_batch(gate, batch, dim), dummy),
+        _fill(weight, dummy),
+        _fill(bias, dummy),
+        _fill(_per_batch(shift, batch, dim), dummy),
+        _fill(_per_batch(scale, batch, dim), dummy),
+        _fill(x_out, dummy),
         h_out,
-        h_scale if h_scale is not None else dummy,
+        h_scale if quantize else dummy,
         rows,
         dim,
         eps,
@@ -136,7 +142,7 @@ def _launch(
         HAS_GATE=gate is not None,
         AFFINE=weight is not None,
         MODULATE=scale is not None,
-        QUANTIZE=h_scale is not None,
+        QUANTIZE=quantize,
         BLOCK=triton.next_power_of_2(dim),
         num_warps=NUM_WARPS,
     )
@@ -163,8 +169,7 @@ def _add_norm_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     x_out = torch.empty_like(x)
     h_out, h_scale = _outputs(x, out_dtype)
-    quantized = h_scale if out_dtype == FP8 else None
-    _launch(x, y, gate, weight, bias, shift, scale, eps, x_out, h_out, quantized)
+    _launch(x, y, gate, weight, bias, shift, scale, eps, x_out, h_out, h_scale)
     return x_out, h_out, h_scale
 
 
@@ -179,8 +184,7 @@ def _norm_op(
     out_dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     h_out, h_scale = _outputs(x, out_dtype)
-    quantized = h_scale if out_dtype == FP8 else None
-    _launch(x, None, None, weight, bias, shift, scale, eps, None, h_out, quantized)
+    _launch(x, None, None, weight, bias, shift, scale, eps, None, h_out, h_scale)
     return h_out, h_scale
 
 
