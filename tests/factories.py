@@ -1,7 +1,8 @@
 """Valid protocol messages for tests, with small tensors; override any field by keyword.
 
 `tp_infer()` / `pp_infer()` / `pp_result()` build a message that passes `validate()`; tests then
-break exactly one thing (keyword overrides) and assert the named rejection.
+break exactly one thing (keyword overrides) and assert the named rejection. `dit_caches()`: a
+tiny DiT's KV and cross-attention caches for one call on an 8x8 latent.
 """
 
 from __future__ import annotations
@@ -10,10 +11,30 @@ from typing import Any
 
 import torch
 
+from streamdit.model.kv_cache import CrossAttnCache, KVCache
+from streamdit.model.presets import DiTConfig
 from streamdit.protocol.messages import Action, PPEnvelopeV1, PPResultV1, TPEnvelopeV1
 from streamdit.protocol.rules import ENVELOPE_VERSION
 
 H, W = 32, 48  # smallest-ish geometry that obeys "multiple of 16": latents [B, F, 16, 4, 6]
+
+
+def dit_caches(
+    cfg: DiTConfig, *, dtype: torch.dtype, device: torch.device | str
+) -> tuple[KVCache, CrossAttnCache]:
+    """Caches for `cfg` at 8x8 latents (16 tokens a frame), a 6-frame window, no sink frames."""
+    kv = KVCache(
+        num_layers=cfg.num_layers,
+        batch=1,
+        heads=cfg.num_heads,
+        head_dim=cfg.head_dim,
+        tokens_per_frame=16,
+        capacity_frames=6,
+        sink_frames=0,
+        dtype=dtype,
+        device=device,
+    )
+    return kv, CrossAttnCache(cfg.num_layers)
 
 
 def latents(frames: int = 3, dtype: torch.dtype = torch.bfloat16, *, seed: int = 0) -> torch.Tensor:

@@ -19,10 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from factories import dit_caches
 from streamdit.errors import ConfigError
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.fp8 import QUANTIZED_LINEARS, Fp8Linear, quantize_blocks
-from streamdit.model.kv_cache import CrossAttnCache, KVCache
 from streamdit.model.presets import get_dit_config
 
 CFG = get_dit_config("tiny")
@@ -36,18 +36,7 @@ def _model() -> CausalWanDiT:
 
 @torch.no_grad()
 def _stream(model: CausalWanDiT) -> list[torch.Tensor]:
-    kv = KVCache(
-        num_layers=CFG.num_layers,
-        batch=1,
-        heads=CFG.num_heads,
-        head_dim=CFG.head_dim,
-        tokens_per_frame=16,
-        capacity_frames=6,
-        sink_frames=0,
-        dtype=torch.float32,
-        device="cpu",
-    )
-    cc = CrossAttnCache(CFG.num_layers)
+    kv, cc = dit_caches(CFG, dtype=torch.float32, device="cpu")
     gen = torch.Generator().manual_seed(1)
     xs = [torch.randn(1, 3, 16, 8, 8, generator=gen) for _ in range(2)]
     text = torch.randn(1, CFG.text_len, CFG.text_dim, generator=gen)

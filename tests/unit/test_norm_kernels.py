@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import dit_caches
 from streamdit.model.dit import CausalWanDiT
 from streamdit.model.norms import WanLayerNorm
 from streamdit.model.presets import get_dit_config
@@ -142,7 +143,6 @@ def test_the_kernel_matches_the_reference_at_wan_14b_width_on_a_gpu() -> None:
 @torch.no_grad()
 def test_a_compiled_dit_on_the_kernels_matches_the_reference_dit(fp8: bool) -> None:
     from streamdit.model.fp8 import quantize_blocks
-    from streamdit.model.kv_cache import CrossAttnCache, KVCache
 
     cfg = get_dit_config("tiny")
     device = torch.device("cuda")
@@ -164,18 +164,7 @@ def test_a_compiled_dit_on_the_kernels_matches_the_reference_dit(fp8: bool) -> N
     outs = []
     for fused in (False, True):
         model = build(fused)
-        kv = KVCache(
-            num_layers=cfg.num_layers,
-            batch=1,
-            heads=cfg.num_heads,
-            head_dim=cfg.head_dim,
-            tokens_per_frame=16,
-            capacity_frames=6,
-            sink_frames=0,
-            dtype=torch.bfloat16,
-            device=device,
-        )
-        cross = CrossAttnCache(cfg.num_layers)
+        kv, cross = dit_caches(cfg, dtype=torch.bfloat16, device=device)
         t = torch.full((1,), 500.0, device=device)
         outs.append(model(x, t, text, kv_cache=kv, cross_cache=cross, start_frame=0).float())
     ref, fused_out = outs
